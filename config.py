@@ -1,0 +1,304 @@
+"""Settings: one frozen object built from the environment (and `.env`)."""
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+DEFAULT_API_BASE = "https://qyapi.weixin.qq.com/cgi-bin/"
+EMAIL_SOURCE_NAMES = ("wecom", "directory", "pattern")
+SMTP_DEFAULT_PORTS = {"ssl": 465, "starttls": 587, "none": 25}
+MAIL_BACKENDS = ("smtp", "file", "console")
+SECRET_NAMES = (
+    "WECOM_CONTACT_SECRET",
+    "WECOM_CALLBACK_TOKEN",
+    "WECOM_CALLBACK_AES_KEY",
+    "SMTP_PASSWORD",
+    "ADMIN_TOKEN",
+)
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names it and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    corp_id: str
+    contact_secret: str = field(repr=False)
+    callback_token: str = field(repr=False)
+    callback_aes_key: str = field(repr=False)
+    department_ids: tuple[int, ...]
+    fetch_child: bool = False
+    email_sources: tuple[str, ...] = EMAIL_SOURCE_NAMES
+    email_pattern: str | None = None
+    api_base: str = DEFAULT_API_BASE
+    notify_scope: str = "department"
+    database_url: str = "sqlite:///var/wecom-mailer.db"
+    template_database_url: str = "sqlite:///var/wecom-mailer.db"
+    template_table: str = "ipaas_email_template"
+    template_app: str = "tencent-wechat"
+    mail_backend: str = "smtp"
+    mail_file_dir: str = "var/outbox"
+    smtp_host: str | None = None
+    smtp_port: int = 465
+    smtp_security: str = "ssl"
+    smtp_user: str = ""
+    smtp_password: str = field(default="", repr=False)
+    smtp_timeout: float = 10.0
+    smtp_connections: int = 1
+    mail_from: str = ""
+    timezone: str = "Asia/Shanghai"
+    callback_path: str = "/wecom/callback"
+    callback_max_skew: int = 300
+    callback_max_body: int = 262144
+    retry_backoff: float = 30.0
+    retry_max_hours: float = 48.0
+    lease_seconds: float = 30.0
+    worker_in_web: bool = True
+    admin_token: str | None = field(default=None, repr=False)
+    log_level: str = "INFO"
+    log_format: str = "text"
+
+    @property
+    def tz(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+    def secrets(self) -> list[str]:
+        """Every secret value, for masking in logs and error messages."""
+        values = [self.contact_secret, self.callback_token, self.callback_aes_key,
+                  self.smtp_password, self.admin_token or ""]
+        return [v for v in values if v]
+
+
+def load_dotenv_file(path: str | os.PathLike = ".env") -> None:
+    """Load `.env` into os.environ without overriding what is already set (gunicorn does not)."""
+    if Path(path).is_file():
+        from dotenv import load_dotenv
+
+        load_dotenv(path, override=False)
+
+
+def from_env(env: Mapping[str, str] | None = None) -> Settings:
+    """Build Settings from `env` (default: os.environ); raise ConfigError naming the first bad variable."""
+    env = os.environ if env is None else env
+    r = _Reader(env)
+    database_url = r.url("DATABASE_URL", "sqlite:///var/wecom-mailer.db")
+    security = r.choice("SMTP_SECURITY", "ssl", tuple(SMTP_DEFAULT_PORTS))
+    backend = r.choice("MAIL_BACKEND", "smtp", MAIL_BACKENDS)
+    smtp_host = r.text("SMTP_HOST", "") or None
+    if backend == "smtp" and not smtp_host:
+        raise ConfigError("SMTP_HOST is required when MAIL_BACKEND=smtp: set it (e.g. smtp.qq.com) "
+                          "or use MAIL_BACKEND=file for a dry run")
+    smtp_user = r.text("SMTP_USER", "")
+    mail_from = r.text("MAIL_FROM", "") or smtp_user
+    if backend == "smtp" and not mail_from:
+        raise ConfigError("MAIL_FROM is required when SMTP_USER is empty: set MAIL_FROM=it@corp.example")
+    sources = r.csv("EMAIL_SOURCES", "wecom,directory,pattern")
+    for name in sources:
+        if name not in EMAIL_SOURCE_NAMES:
+            raise ConfigError(f"EMAIL_SOURCES has unknown source {name!r}: use a comma list of "
+                              f"{', '.join(EMAIL_SOURCE_NAMES)}")
+    pattern = r.text("EMAIL_PATTERN", "") or None
+    if pattern is not None and ("{userid}" not in pattern or "@" not in pattern):
+        raise ConfigError("EMAIL_PATTERN must contain {userid} and an @, e.g. {userid}@corp.example")
+    timezone = r.text("TIMEZONE", "Asia/Shanghai")
+    try:
+        ZoneInfo(timezone)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(f"TIMEZONE {timezone!r} is not an IANA zone: use e.g. Asia/Shanghai") from None
+    path = r.text("CALLBACK_PATH", "/wecom/callback")
+    if not path.startswith("/"):
+        raise ConfigError(f"CALLBACK_PATH must start with '/' (got {path!r})")
+    api_base = r.text("WECOM_API_BASE", DEFAULT_API_BASE)
+    if not re.match(r"^https?://", api_base):
+        raise ConfigError("WECOM_API_BASE must be an http(s) URL, e.g. " + DEFAULT_API_BASE)
+    log_format = r.choice("LOG_FORMAT", "text", ("text", "json"))
+    log_level = r.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True)
+    return Settings(
+        corp_id=r.required("WECOM_CORP_ID", "copy 企业ID from 我的企业 > 企业信息"),
+        contact_secret=r.required("WECOM_CONTACT_SECRET", "copy the Secret from 管理工具 > 通讯录同步"),
+        callback_token=r.callback_token(),
+        callback_aes_key=r.aes_key(),
+        department_ids=r.department_ids(),
+        fetch_child=r.bool("WECOM_FETCH_CHILD", False),
+        email_sources=tuple(sources),
+        email_pattern=pattern,
+        api_base=api_base if api_base.endswith("/") else api_base + "/",
+        notify_scope=r.choice("NOTIFY_SCOPE", "department", ("department", "corp")),
+        database_url=database_url,
+        template_database_url=r.url("TEMPLATE_DATABASE_URL", database_url),
+        template_table=r.identifier("TEMPLATE_TABLE", "ipaas_email_template"),
+        template_app=r.text("TEMPLATE_APP", "tencent-wechat"),
+        mail_backend=backend,
+        mail_file_dir=r.text("MAIL_FILE_DIR", "var/outbox"),
+        smtp_host=smtp_host,
+        smtp_port=r.int("SMTP_PORT", SMTP_DEFAULT_PORTS[security], 1, 65535),
+        smtp_security=security,
+        smtp_user=smtp_user,
+        smtp_password=r.secret("SMTP_PASSWORD"),
+        smtp_timeout=r.number("SMTP_TIMEOUT_SECONDS", 10.0, 0.1, 600),
+        smtp_connections=r.int("SMTP_CONNECTIONS", 1, 1, 32),
+        mail_from=mail_from,
+        timezone=timezone,
+        callback_path=path,
+        callback_max_skew=r.int("CALLBACK_MAX_SKEW_SECONDS", 300, 1, 86400),
+        callback_max_body=r.int("CALLBACK_MAX_BODY_BYTES", 262144, 1024, 16 * 1024 * 1024),
+        retry_backoff=r.number("RETRY_BACKOFF_SECONDS", 30.0, 0.01, 3600),
+        retry_max_hours=r.number("RETRY_MAX_HOURS", 48.0, 0.0001, 24 * 365),
+        lease_seconds=r.number("LEASE_SECONDS", 30.0, 1, 3600),
+        worker_in_web=r.bool("WORKER_IN_WEB", True),
+        admin_token=r.secret("ADMIN_TOKEN") or None,
+        log_level=log_level,
+        log_format=log_format,
+    )
+
+
+class _Reader:
+    """Typed access to the environment; every error names the variable."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    def raw(self, name: str) -> str | None:
+        # NAME_FILE lets secrets come from a mounted file (Docker/Kubernetes secrets).
+        file_name = self.env.get(name + "_FILE")
+        if file_name and not self.env.get(name):
+            try:
+                return Path(file_name).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"{name}_FILE points to {file_name!r}, which cannot be read "
+                                  f"({exc.strerror})") from None
+        value = self.env.get(name)
+        return None if value is None else value.strip()
+
+    def text(self, name: str, default: str) -> str:
+        value = self.raw(name)
+        return default if value in (None, "") else value
+
+    def secret(self, name: str) -> str:
+        return self.raw(name) or ""
+
+    def required(self, name: str, how: str) -> str:
+        value = self.raw(name)
+        if not value:
+            raise ConfigError(f"{name} is required: {how}")
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value in (None, ""):
+            return default
+        if value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false (got {value!r})")
+
+    def int(self, name: str, default: int, lo: int, hi: int) -> int:
+        value = self.raw(name)
+        if value in (None, ""):
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a whole number (got {value!r})") from None
+        if not lo <= number <= hi:
+            raise ConfigError(f"{name} must be between {lo} and {hi} (got {number})")
+        return number
+
+    def number(self, name: str, default: float, lo: float, hi: float) -> float:
+        value = self.raw(name)
+        if value in (None, ""):
+            return default
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{name} must be a number (got {value!r})") from None
+        if not lo <= number <= hi:
+            raise ConfigError(f"{name} must be between {lo:g} and {hi:g} (got {number:g})")
+        return number
+
+    def choice(self, name: str, default: str, options: tuple[str, ...], upper: bool = False) -> str:
+        value = self.text(name, default)
+        value = value.upper() if upper else value.lower()
+        if value not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)} (got {value!r})")
+        return value
+
+    def csv(self, name: str, default: str) -> list[str]:
+        return [part.strip() for part in self.text(name, default).split(",") if part.strip()]
+
+    def identifier(self, name: str, default: str) -> str:
+        value = self.text(name, default)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", value):
+            raise ConfigError(f"{name} must be a plain table name of letters, digits and _ (got {value!r})")
+        return value
+
+    def url(self, name: str, default: str) -> str:
+        value = self.text(name, default)
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ConfigError(f"{name} is not a database URL: use e.g. "
+                              "mysql+pymysql://user:password@host:3306/dbname or sqlite:///var/state.db") from None
+        if url.get_backend_name() not in ("sqlite", "mysql", "mariadb"):
+            raise ConfigError(f"{name} must use mysql+pymysql:// or sqlite:/// "
+                              f"(got {url.get_backend_name()}://)")
+        if url.get_backend_name() in ("mysql", "mariadb") and url.get_driver_name() != "pymysql":
+            raise ConfigError(f"{name} must name the pymysql driver: mysql+pymysql://…")
+        return value
+
+    def callback_token(self) -> str:
+        token = self.required("WECOM_CALLBACK_TOKEN", "copy Token from the contact callback settings (接收事件服务器)")
+        if not re.fullmatch(r"[A-Za-z0-9]{1,32}", token):
+            raise ConfigError(f"WECOM_CALLBACK_TOKEN must be 1-32 letters or digits (got {len(token)} characters "
+                              "of another kind): copy Token from the WeCom admin console")
+        return token
+
+    def aes_key(self) -> str:
+        name = "WECOM_CALLBACK_AES_KEY"
+        key = self.required(name, "copy EncodingAESKey from the contact callback settings (接收事件服务器)")
+        if len(key) != 43:
+            raise ConfigError(f"{name} must be 43 characters (got {len(key)}): "
+                              "copy EncodingAESKey from the WeCom admin console")
+        try:
+            if len(base64.b64decode(key + "=", validate=True)) != 32:
+                raise binascii.Error
+        except binascii.Error:
+            raise ConfigError(f"{name} is not a valid EncodingAESKey (letters and digits only): "
+                              "copy it again from the WeCom admin console") from None
+        return key
+
+    def department_ids(self) -> tuple[int, ...]:
+        name = "WECOM_DEPARTMENT_ID"
+        raw = self.required(name, "find the id under 通讯录 > 部门 (the ⋮ menu next to the department)")
+        ids = []
+        for part in raw.split(","):
+            part = part.strip()
+            if not part.isdigit() or int(part) < 1:
+                raise ConfigError(f"{name} must be positive integer department ids separated by commas "
+                                  f"(got {part!r})")
+            ids.append(int(part))
+        return tuple(dict.fromkeys(ids))
+
+
+def mask(text: str, settings: Settings | None) -> str:
+    """Replace every secret value that appears in `text` with ***."""
+    if settings is None:
+        return text
+    for secret in sorted(settings.secrets(), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(Settings)]

@@ -1,0 +1,215 @@
+"""WeCom: callback crypto, contact-change events, and the server API client."""
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+from xml.etree.ElementTree import Element
+
+from defusedxml import DefusedXmlException
+from defusedxml.ElementTree import fromstring as _defused_fromstring
+from wechatpy.crypto.cryptography import WeChatCipher
+from wechatpy.enterprise.crypto import WeChatCrypto
+
+MEMBER_CHANGES = ("create_user", "update_user", "delete_user")
+
+
+class CallbackRejected(Exception):
+    """A callback we refuse: `reason` is short and safe to send back and log (no secrets)."""
+
+    def __init__(self, reason: str, status: int = 400):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+# --- callback crypto -------------------------------------------------------------------------
+
+def signature(token: str, timestamp: str, nonce: str, encrypted: str) -> str:
+    """WeCom msg_signature: sha1 hex over the four strings sorted."""
+    return hashlib.sha1("".join(sorted([token, timestamp, nonce, encrypted])).encode()).hexdigest()
+
+
+class CallbackCrypto:
+    """Verify and decrypt (and, for `simulate` and tests, encrypt) WeCom callbacks.
+
+    Signature first, in constant time, inside a timestamp window; XML only after that. wechatpy's
+    own `check_signature`/`decrypt_message` compare with `!=`, parse before verifying and accept bad
+    padding, so only its AES cipher and its encryptor are used here.
+    """
+
+    def __init__(self, token: str, encoding_aes_key: str, corp_id: str, max_skew: int = 300):
+        self.token = token
+        self.corp_id = corp_id
+        self.max_skew = max_skew
+        self._key = base64.b64decode(encoding_aes_key + "=")
+        self._cipher = WeChatCipher(self._key)
+        self._encryptor = WeChatCrypto(token, encoding_aes_key, corp_id)
+
+    def check(self, msg_signature: str, timestamp: str, nonce: str, encrypted: str,
+              now: float | None = None) -> None:
+        """Raise CallbackRejected unless the timestamp is fresh and the signature matches."""
+        if not timestamp.isdigit() or len(timestamp) > 12:
+            raise CallbackRejected("timestamp is not a number")
+        now = time.time() if now is None else now
+        if abs(now - int(timestamp)) > self.max_skew:
+            raise CallbackRejected("timestamp outside the replay window")
+        expected = signature(self.token, timestamp, nonce, encrypted)
+        if not hmac.compare_digest(expected.encode(), msg_signature.lower().encode("utf-8", "replace")):
+            raise CallbackRejected("signature mismatch", status=403)
+
+    def decrypt(self, encrypted: str) -> str:
+        """Decrypt one `Encrypt` value, checking padding, length and the receive id."""
+        try:
+            raw = base64.b64decode(encrypted, validate=True)
+        except (binascii.Error, ValueError):
+            raise CallbackRejected("ciphertext is not base64") from None
+        if not raw or len(raw) % 16:
+            raise CallbackRejected("ciphertext length is not a whole number of AES blocks")
+        plain = self._cipher.decrypt(raw)
+        pad = plain[-1]
+        if not 1 <= pad <= 32 or plain[-pad:] != bytes([pad]) * pad or len(plain) - pad < 20:
+            raise CallbackRejected("ciphertext does not decrypt (wrong EncodingAESKey?)")
+        content = plain[16:-pad]
+        (length,) = struct.unpack(">I", content[:4])
+        if length > len(content) - 4:
+            raise CallbackRejected("ciphertext does not decrypt (wrong EncodingAESKey?)")
+        try:
+            message = content[4:4 + length].decode("utf-8")
+            receive_id = content[4 + length:].decode("utf-8")
+        except UnicodeDecodeError:
+            raise CallbackRejected("ciphertext does not decrypt (wrong EncodingAESKey?)") from None
+        if not hmac.compare_digest(receive_id.encode(), self.corp_id.encode()):
+            raise CallbackRejected("message is for another corp id", status=403)
+        return message
+
+    def verify_url(self, msg_signature: str, timestamp: str, nonce: str, echostr: str) -> str:
+        """The GET URL check: the decrypted echostr."""
+        self.check(msg_signature, timestamp, nonce, echostr)
+        return self.decrypt(echostr)
+
+    def open_envelope(self, body: bytes, msg_signature: str, timestamp: str, nonce: str) -> str:
+        """The POST event: the decrypted XML, checked in the order cheapest and safest first."""
+        if not body.strip():
+            raise CallbackRejected("empty body")
+        envelope = parse_xml(body)
+        encrypted = _text(envelope, "Encrypt")
+        if not encrypted:
+            raise CallbackRejected("no Encrypt element")
+        self.check(msg_signature, timestamp, nonce, encrypted)
+        return self.decrypt(encrypted)
+
+    def encrypt(self, message: str, timestamp: str | None = None, nonce: str | None = None) -> dict:
+        """Encrypt and sign `message` as WeCom would: the query parameters and the POST body."""
+        timestamp = timestamp or str(int(time.time()))
+        nonce = nonce or str(int.from_bytes(os.urandom(4), "big"))
+        reply = self._encryptor.encrypt_message(message, nonce, timestamp)
+        encrypted = _text(parse_xml(reply.encode()), "Encrypt")
+        query = {"msg_signature": signature(self.token, timestamp, nonce, encrypted),
+                 "timestamp": timestamp, "nonce": nonce}
+        body = (f"<xml><ToUserName><![CDATA[{self.corp_id}]]></ToUserName><AgentID><![CDATA[]]></AgentID>"
+                f"<Encrypt><![CDATA[{encrypted}]]></Encrypt></xml>")
+        return {"query": query, "body": body.encode(), "encrypted": encrypted}
+
+
+def parse_xml(data: bytes | str) -> Element:
+    """Parse XML with DTDs, entities and external references refused."""
+    try:
+        return _defused_fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
+    except DefusedXmlException:
+        raise CallbackRejected("XML with a DTD or entities is refused") from None
+    except Exception:  # ParseError and friends: anything that is not well-formed XML
+        raise CallbackRejected("body is not XML") from None
+
+
+def _text(root: Element, tag: str) -> str | None:
+    node = root.find(tag)
+    return None if node is None or node.text is None else node.text.strip()
+
+
+# --- contact-change events --------------------------------------------------------------------
+
+# Member fields of a contact event, by XML tag; `fields` of ContactChange keeps them in lower case.
+MEMBER_FIELDS = ("UserID", "NewUserID", "Name", "Department", "MainDepartment", "IsLeaderInDept",
+                 "DirectLeader", "Position", "Mobile", "Gender", "Email", "BizMail", "Status",
+                 "Avatar", "Alias", "Telephone", "Address")
+
+
+@dataclass(frozen=True)
+class ContactChange:
+    """One decrypted WeCom callback, reduced to what the service uses."""
+
+    msg_type: str
+    event: str
+    change_type: str
+    user_id: str
+    create_time: int | None
+    departments: tuple[int, ...] = ()
+    fields: dict = field(default_factory=dict)
+
+    @property
+    def is_member_change(self) -> bool:
+        return self.msg_type == "event" and self.event == "change_contact" and self.change_type in MEMBER_CHANGES
+
+    @property
+    def name(self) -> str:
+        return self.fields.get("name", "")
+
+
+def parse_event(xml: str) -> ContactChange:
+    """Parse decrypted event XML; raise CallbackRejected when a member change lacks its UserID."""
+    root = parse_xml(xml.encode("utf-8"))
+    msg_type = _text(root, "MsgType") or ""
+    event = _text(root, "Event") or ""
+    change_type = _text(root, "ChangeType") or ""
+    fields = {}
+    for tag in MEMBER_FIELDS:
+        value = _text(root, tag)
+        if value is not None:
+            fields[tag.lower()] = value
+    create_time = _text(root, "CreateTime")
+    departments = tuple(int(d) for d in (fields.get("department") or "").split(",") if d.strip().isdigit())
+    change = ContactChange(
+        msg_type=msg_type, event=event, change_type=change_type, user_id=fields.get("userid", ""),
+        create_time=int(create_time) if create_time and create_time.isdigit() else None,
+        departments=departments, fields=fields)
+    if change.is_member_change and not change.user_id:
+        raise CallbackRejected(f"{change_type} event without UserID")
+    return change
+
+
+def event_xml(change_type: str, user_id: str, corp_id: str, departments: str = "",
+              create_time: int | None = None, name: str = "") -> str:
+    """A contact-change event as WeCom sends it (for `simulate`, the demo and tests)."""
+    parts = [f"<ToUserName><![CDATA[{corp_id}]]></ToUserName>",
+             "<FromUserName><![CDATA[sys]]></FromUserName>",
+             f"<CreateTime>{create_time or int(time.time())}</CreateTime>",
+             "<MsgType><![CDATA[event]]></MsgType>",
+             "<Event><![CDATA[change_contact]]></Event>",
+             f"<ChangeType><![CDATA[{change_type}]]></ChangeType>",
+             f"<UserID><![CDATA[{user_id}]]></UserID>"]
+    if name:
+        parts.append(f"<Name><![CDATA[{name}]]></Name>")
+    if departments and change_type != "delete_user":
+        parts.append(f"<Department><![CDATA[{departments}]]></Department>")
+    return "<xml>" + "".join(parts) + "</xml>"
+
+
+@dataclass(frozen=True)
+class Member:
+    """A department member as the WeCom API lists them (addresses may be withheld: empty)."""
+
+    userid: str
+    name: str = ""
+    departments: tuple[int, ...] = ()
+    email: str = ""
+    biz_mail: str = ""
+
+
+# --- server API client ------------------------------------------------------------------------
+# (WeComClient, WeComError and list_members follow below.)
