@@ -51,7 +51,7 @@ deliveries = Table(
     Column("event_id", BigInteger, nullable=False),
     Column("userid", String(64), nullable=False),
     Column("name", String(255), nullable=False, default=""),
-    Column("address", String(320), nullable=False),
+    Column("address", String(320)),  # NULL when skipped for want of an address (unique allows many NULLs)
     Column("status", String(16), nullable=False),
     Column("reason", Text),
     Column("attempts", Integer, nullable=False, default=0),
@@ -67,6 +67,7 @@ department_snapshots = Table(
     Column("department_id", BigInteger, primary_key=True, autoincrement=False),
     Column("taken_at", Double, nullable=False),
     Column("member_count", Integer, nullable=False, default=0),
+    Column("covered", Text, nullable=False, default=""),  # the department and, with FETCH_CHILD, its descendants
 )
 
 snapshot_members = Table(
@@ -218,3 +219,194 @@ class TokenStore:
             if not updated:
                 conn.execute(_insert_ignore(access_tokens),
                              {"key": key, "access_token": token, "expires_at": expires_at})
+
+
+# --- retries ---------------------------------------------------------------------------------
+
+def backoff_seconds(attempts: int, first: float) -> float:
+    """Delay before the next try: `first`, doubling per attempt, capped at one hour."""
+    return min(first * 2 ** max(attempts - 1, 0), 3600.0)
+
+
+def with_retries(fn, tries: int = 5):
+    """Run a transaction function again after a deadlock or lock timeout (InnoDB 1213/1205)."""
+    for attempt in range(tries):
+        try:
+            return fn()
+        except DBAPIError as exc:
+            if attempt == tries - 1 or not is_transient_db_error(exc):
+                raise
+            time.sleep(0.05 * (attempt + 1))
+
+
+# --- claiming events -----------------------------------------------------------------------
+
+def _lease_free(now: float):
+    return sa.or_(events.c.lease_until.is_(None), events.c.lease_until < now)
+
+
+def claim_event(engine: Engine, owner: str, lease_seconds: float):
+    """Take the next due event with a lease (compare-and-set), or None. Any number of processes may call this."""
+    now = time.time()
+    with engine.connect() as conn:
+        candidates = conn.execute(
+            sa.select(events.c.id)
+            .where(events.c.status.in_(EVENT_OPEN), events.c.next_attempt_at <= now, _lease_free(now))
+            .order_by(events.c.next_attempt_at, events.c.id).limit(8)).scalars().all()
+    for event_id in candidates:
+        def take():
+            with engine.begin() as conn:
+                return conn.execute(
+                    events.update()
+                    .where(events.c.id == event_id, events.c.status.in_(EVENT_OPEN), _lease_free(now))
+                    .values(lease_owner=owner, lease_until=now + lease_seconds)).rowcount
+        if with_retries(take) == 1:
+            with engine.connect() as conn:
+                return conn.execute(sa.select(events).where(events.c.id == event_id)).first()
+    return None
+
+
+def renew_lease(engine: Engine, event_id: int, owner: str, lease_seconds: float) -> bool:
+    """Extend our lease; False when another process has taken the event over."""
+    def renew():
+        with engine.begin() as conn:
+            return conn.execute(events.update()
+                                .where(events.c.id == event_id, events.c.lease_owner == owner)
+                                .values(lease_until=time.time() + lease_seconds)).rowcount
+    return with_retries(renew) == 1
+
+
+def update_event(engine: Engine, event_id: int, owner: str, release: bool = True, **values) -> bool:
+    """Write our outcome to an event we hold, releasing the lease; False if we no longer hold it."""
+    if release:
+        values.update(lease_owner=None, lease_until=None)
+
+    def write():
+        with engine.begin() as conn:
+            return conn.execute(events.update()
+                                .where(events.c.id == event_id, events.c.lease_owner == owner)
+                                .values(**values)).rowcount
+    return with_retries(write) == 1
+
+
+# --- deliveries ----------------------------------------------------------------------------
+
+def expand_event(engine: Engine, event_id: int, owner: str, subject: str, body: str,
+                 rows: list[dict]) -> bool:
+    """Write one delivery row per recipient and move the event to `sending`, in one transaction."""
+    now = time.time()
+    for row in rows:
+        row.setdefault("reason", None)
+        row.update(event_id=event_id, attempts=0, next_attempt_at=0)
+        if row["status"] != "pending":
+            row["first_attempt_at"] = now
+        else:
+            row.setdefault("first_attempt_at", None)
+
+    def write():
+        with engine.begin() as conn:
+            held = conn.execute(events.update()
+                                .where(events.c.id == event_id, events.c.lease_owner == owner,
+                                       events.c.status == "pending")
+                                .values(status="sending", subject=subject, body=body, reason=None)).rowcount
+            if held != 1:
+                conn.rollback()
+                return False
+            for start in range(0, len(rows), 1000):
+                conn.execute(_insert_ignore(deliveries), rows[start:start + 1000])
+            return True
+    return with_retries(write)
+
+
+def due_deliveries(engine: Engine, event_id: int) -> list:
+    """The deliveries of one event that may be tried now."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(deliveries.c.id, deliveries.c.address, deliveries.c.name, deliveries.c.userid,
+                      deliveries.c.attempts, deliveries.c.first_attempt_at)
+            .where(deliveries.c.event_id == event_id, deliveries.c.status.in_(DELIVERY_OPEN),
+                   deliveries.c.next_attempt_at <= time.time())
+            .order_by(deliveries.c.id)).all()
+
+
+def mark_delivery(engine: Engine, delivery_id: int, **values) -> None:
+    """Record one delivery's outcome; only an open row changes (a sent row stays sent)."""
+    def write():
+        with engine.begin() as conn:
+            conn.execute(deliveries.update()
+                         .where(deliveries.c.id == delivery_id, deliveries.c.status.in_(DELIVERY_OPEN))
+                         .values(**values))
+    with_retries(write)
+
+
+def postpone_untried(engine: Engine, event_id: int, until: float) -> None:
+    """Deliveries left untried after a connection failure wait with the ones that failed."""
+    now = time.time()
+
+    def write():
+        with engine.begin() as conn:
+            conn.execute(deliveries.update()
+                         .where(deliveries.c.event_id == event_id, deliveries.c.status.in_(DELIVERY_OPEN),
+                                deliveries.c.next_attempt_at <= now)
+                         .values(next_attempt_at=until))
+    with_retries(write)
+
+
+def delivery_counts(engine: Engine, event_id: int) -> dict[str, int]:
+    """Deliveries of one event by status."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(deliveries.c.status, sa.func.count())
+                            .where(deliveries.c.event_id == event_id)
+                            .group_by(deliveries.c.status)).all()
+    return {status: count for status, count in rows}
+
+
+def next_open_delivery_at(engine: Engine, event_id: int) -> float | None:
+    """When the earliest open delivery of an event is due; None when all are final."""
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.min(deliveries.c.next_attempt_at))
+                            .where(deliveries.c.event_id == event_id,
+                                   deliveries.c.status.in_(DELIVERY_OPEN))).scalar()
+
+
+# --- member snapshots ----------------------------------------------------------------------
+
+def load_snapshots(engine: Engine, department_ids) -> dict[int, tuple[set[int], set[str]]]:
+    """Per watched department that has a snapshot: (covered department ids, member userids)."""
+    result: dict[int, tuple[set[int], set[str]]] = {}
+    with engine.connect() as conn:
+        for row in conn.execute(sa.select(department_snapshots)
+                                .where(department_snapshots.c.department_id.in_(list(department_ids)))):
+            covered = {int(d) for d in row.covered.split(",") if d}
+            result[row.department_id] = (covered or {row.department_id}, set())
+        if result:
+            for dept, userid in conn.execute(sa.select(snapshot_members.c.department_id, snapshot_members.c.userid)
+                                             .where(snapshot_members.c.department_id.in_(list(result)))):
+                result[dept][1].add(userid)
+    return result
+
+
+def save_snapshot(engine: Engine, department_id: int, members, covered) -> None:
+    """Replace the member snapshot of one watched department."""
+    rows = [{"department_id": department_id, "userid": m.userid, "name": m.name[:255]}
+            for m in {m.userid: m for m in members}.values()]
+    snapshot = {"taken_at": time.time(), "member_count": len(rows),
+                "covered": ",".join(str(d) for d in sorted(covered))}
+
+    def write():
+        with engine.begin() as conn:
+            conn.execute(snapshot_members.delete().where(snapshot_members.c.department_id == department_id))
+            for start in range(0, len(rows), 1000):
+                conn.execute(snapshot_members.insert(), rows[start:start + 1000])
+            if not conn.execute(department_snapshots.update()
+                                .where(department_snapshots.c.department_id == department_id)
+                                .values(**snapshot)).rowcount:
+                conn.execute(_insert_ignore(department_snapshots), {"department_id": department_id, **snapshot})
+    with_retries(write)
+
+
+def event_message(engine: Engine, event_id: int) -> tuple[str, str]:
+    """The rendered subject and body of an expanded event."""
+    with engine.connect() as conn:
+        return tuple(conn.execute(sa.select(events.c.subject, events.c.body)
+                                  .where(events.c.id == event_id)).one())

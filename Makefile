@@ -1,0 +1,40 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Each creates .venv by itself.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test serve worker bench check clean
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "wecom-mailer needs Python 3.11 or newer: run make PYTHON=python3.11 …")'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.runtime: requirements.txt | $(BIN)/python
+	$(BIN)/pip install -q -r requirements.txt
+	@touch $@
+
+$(VENV)/.dev: requirements-dev.txt requirements.txt | $(VENV)/.runtime
+	$(BIN)/pip install -q -r requirements-dev.txt
+	@touch $@
+
+demo: $(VENV)/.runtime  ## run the whole scenario on embedded defaults and show the emails
+	$(BIN)/python demo.py
+
+test: $(VENV)/.dev  ## run the whole test suite
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+serve: $(VENV)/.runtime  ## run the service with the configuration in the environment / .env
+	$(BIN)/gunicorn 'app:create_app()'
+
+worker: $(VENV)/.runtime  ## run delivery only
+	$(BIN)/flask --app app worker
+
+check: $(VENV)/.runtime  ## try every dependency with the current configuration
+	$(BIN)/flask --app app check
+
+bench: $(VENV)/.dev  ## print the benchmark table (see bench/README.md)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) var .pytest_cache

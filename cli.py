@@ -1,0 +1,182 @@
+"""`flask --app app …` commands: init-db, worker, simulate, check, status, retry, import-addresses, demo."""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from urllib.parse import urlencode
+
+import click
+import sqlalchemy as sa
+from flask import current_app
+from flask.cli import with_appcontext
+
+import outbox
+import wecom
+
+
+def init_app(app) -> None:
+    """Register the commands on the app's CLI."""
+    for command in (init_db, worker_command, simulate, check, status, retry, import_addresses, demo):
+        app.cli.add_command(command)
+
+
+def _settings():
+    return current_app.config["SETTINGS"]
+
+
+def _engine():
+    return current_app.extensions["engine"]
+
+
+@click.command("init-db")
+@click.option("--seed-templates", is_flag=True,
+              help="Also create the template table with the three original rows where missing.")
+@with_appcontext
+def init_db(seed_templates: bool) -> None:
+    """Create or upgrade the state tables (safe to run any time, from several machines at once)."""
+    import templates_repo
+    from app import template_engine
+
+    outbox.init_schema(_engine())
+    click.echo("Initialized the state database.")
+    if seed_templates:
+        settings = _settings()
+        added = templates_repo.seed_templates(template_engine(current_app), settings.template_table,
+                                              settings.template_app)
+        click.echo(f"Template table {settings.template_table}: {added} row(s) added for app {settings.template_app}.")
+
+
+@click.command("worker")
+@with_appcontext
+def worker_command() -> None:
+    """Run delivery only (no web server); SIGTERM finishes the message in flight and exits."""
+    from app import start_worker
+
+    worker = start_worker(current_app._get_current_object())
+
+    def stop(signum, _frame):
+        click.echo(f"received signal {signum}: finishing the message in flight", err=True)
+        worker.stop.set()
+        worker.wakeup.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while not worker.stop.wait(0.5):
+        pass
+    import threading
+    for thread in threading.enumerate():
+        if thread.name == "wecom-mailer-worker":
+            thread.join(timeout=_settings().smtp_timeout + 5)
+
+
+@click.command("simulate")
+@click.option("--url", required=True, help="Callback URL of a running instance, e.g. https://mail.corp.example/wecom/callback")
+@click.option("--change-type", default="create_user", show_default=True,
+              type=click.Choice(["create_user", "update_user", "delete_user"]))
+@click.option("--user-id", default="zhangsan", show_default=True, help="UserID carried by the event.")
+@click.option("--department", default=None, help="Department list of the event (default: the first watched id).")
+@click.option("--name", default="", help="Name carried by the event (optional, as in older callbacks).")
+@click.option("--verify", is_flag=True, help="Send WeCom's URL check (GET with echostr) instead of an event.")
+@with_appcontext
+def simulate(url: str, change_type: str, user_id: str, department: str | None, name: str, verify: bool) -> None:
+    """Send a correctly encrypted and signed callback to URL, as WeCom would; print the answer."""
+    import requests
+
+    settings = _settings()
+    crypto = current_app.extensions["crypto"]
+    try:
+        if verify:
+            echo = str(int(time.time() * 1000))
+            packet = crypto.encrypt(echo)
+            query = dict(packet["query"], echostr=packet["encrypted"])
+            response = requests.get(url, params=query, timeout=10)
+            ok = response.status_code == 200 and response.text == echo
+        else:
+            departments = department or str(settings.department_ids[0])
+            xml = wecom.event_xml(change_type, user_id, settings.corp_id, departments, name=name)
+            packet = crypto.encrypt(xml)
+            response = requests.post(f"{url}?{urlencode(packet['query'])}", data=packet["body"], timeout=10,
+                                     headers={"Content-Type": "text/xml"})
+            ok = response.status_code == 200 and response.text.strip() == "success"
+    except requests.ConnectionError:
+        raise click.ClickException(f"cannot connect to {url}: is the service running and the URL right?")
+    except requests.Timeout:
+        raise click.ClickException(f"{url} did not answer within 10 s (WeCom waits only 5 s)")
+    except requests.RequestException as exc:
+        raise click.ClickException(f"request to {url} failed: {exc.__class__.__name__}")
+    what = "URL check" if verify else f"{change_type} userid={user_id}"
+    click.echo(f"{what} → HTTP {response.status_code}: {response.text.strip()[:200]}")
+    if not ok:
+        hint = " (token, EncodingAESKey or corp id differ from the server's?)" if response.status_code in (400, 403) else ""
+        raise click.ClickException(f"the service did not accept it{hint}")
+
+
+@click.command("check")
+@with_appcontext
+def check() -> None:
+    """Try every dependency with the current configuration and print one line each."""
+    import checks
+
+    results = checks.run_all(current_app._get_current_object())
+    for ok, line in results:
+        click.echo(("✓ " if ok else "✗ ") + line)
+    if not all(ok for ok, _ in results):
+        sys.exit(1)
+
+
+@click.command("status")
+@click.option("--event", "event_id", type=int, default=None, help="Show the deliveries of one event.")
+@click.option("--limit", default=20, show_default=True, help="How many recent events to list.")
+@with_appcontext
+def status(event_id: int | None, limit: int) -> None:
+    """Recent events with delivery counts; failures with their reasons."""
+    import report
+
+    for line in report.status_lines(_engine(), event_id=event_id, limit=limit):
+        click.echo(line)
+
+
+@click.command("retry")
+@click.argument("event_id", type=int, required=False)
+@click.option("--failed", "all_failed", is_flag=True, help="Requeue every failed delivery and failed event.")
+@with_appcontext
+def retry(event_id: int | None, all_failed: bool) -> None:
+    """Requeue one event's failed deliveries (or the event itself), or every failed one."""
+    import report
+
+    if (event_id is None) == (not all_failed):
+        raise click.UsageError("give an EVENT_ID or --failed (not both)")
+    events, deliveries = report.requeue(_engine(), event_id)
+    if event_id is not None and events == deliveries == 0:
+        raise click.ClickException(f"event {event_id}: nothing to retry (no such event, or nothing failed)")
+    click.echo(f"Requeued {events} event(s) and {deliveries} delivery(ies).")
+
+
+@click.command("import-addresses")
+@click.argument("csv_file", type=click.Path(exists=True, dir_okay=False))
+@with_appcontext
+def import_addresses(csv_file: str) -> None:
+    """Load userid,email rows (headers userid/帐号/账号 and email/邮箱) into the address book."""
+    import addressbook
+
+    try:
+        result = addressbook.import_csv(_engine(), csv_file)
+    except ValueError as exc:
+        raise click.ClickException(str(exc))
+    click.echo(f"Address book: {result.added} added, {result.updated} updated, {result.rejected} rejected.")
+    for error in result.errors[:50]:
+        click.echo(f"  rejected {error}", err=True)
+
+
+@click.command("demo")
+def demo() -> None:
+    """Run the whole scenario on embedded defaults and print the emails (what `make demo` runs)."""
+    import demo as demo_module
+
+    sys.exit(demo_module.main())
+
+
+def count_rows(engine, table) -> int:
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()

@@ -1,0 +1,41 @@
+"""gunicorn settings for `gunicorn 'app:create_app()'` (read from the working directory by default)."""
+import os
+import sys
+
+bind = os.environ.get("BIND", "127.0.0.1:" + os.environ.get("PORT", "8000"))
+workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
+threads = int(os.environ.get("GUNICORN_THREADS", "4"))
+# A callback is answered in milliseconds; anything near these limits is a bug, not load.
+timeout = 30
+graceful_timeout = 30
+accesslog = "-"
+access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+# The control socket (new in gunicorn 27) lives under ~/.gunicorn: not wanted in a container.
+control_socket_disable = True
+
+
+def on_starting(server):
+    """Refuse to start with a broken configuration: one line naming the variable, no traceback."""
+    sys.path.insert(0, os.getcwd())
+    import config
+
+    config.load_dotenv_file()
+    try:
+        config.from_env()
+    except config.ConfigError as exc:
+        print(f"wecom-mailer: configuration error: {exc}", file=sys.stderr)
+        sys.exit(1)
+    multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if multiproc_dir:
+        import glob
+        os.makedirs(multiproc_dir, exist_ok=True)
+        for stale in glob.glob(os.path.join(multiproc_dir, "*.db")):
+            os.remove(stale)
+
+
+def child_exit(server, worker):
+    """Let Prometheus drop the live gauges of a worker that has gone."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(worker.pid)

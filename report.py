@@ -1,0 +1,92 @@
+"""What happened: recent events with delivery counts, one event's deliveries, and requeueing."""
+from __future__ import annotations
+
+import time
+
+import sqlalchemy as sa
+
+from outbox import DELIVERY_OPEN, deliveries, events, with_retries
+
+
+def _when(epoch: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+
+
+def recent_events(engine, limit: int = 20, status: str | None = None) -> list[dict]:
+    """The newest events, each with its delivery counts by status."""
+    query = sa.select(events.c.id, events.c.change_type, events.c.user_id, events.c.status, events.c.reason,
+                      events.c.received_at, events.c.attempts, events.c.next_attempt_at)
+    if status:
+        query = query.where(events.c.status == status)
+    with engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(query.order_by(events.c.id.desc()).limit(limit))]
+        ids = [r["id"] for r in rows]
+        counts: dict[int, dict[str, int]] = {i: {} for i in ids}
+        if ids:
+            for event_id, state, count in conn.execute(
+                    sa.select(deliveries.c.event_id, deliveries.c.status, sa.func.count())
+                    .where(deliveries.c.event_id.in_(ids)).group_by(deliveries.c.event_id, deliveries.c.status)):
+                counts[event_id][state] = count
+    for row in rows:
+        row["counts"] = counts[row["id"]]
+    return rows
+
+
+def event_deliveries(engine, event_id: int, status: str | None = None) -> list[dict]:
+    """One event's deliveries, oldest first."""
+    query = sa.select(deliveries).where(deliveries.c.event_id == event_id)
+    if status:
+        query = query.where(deliveries.c.status == status)
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(query.order_by(deliveries.c.id))]
+
+
+def status_lines(engine, event_id: int | None = None, limit: int = 20) -> list[str]:
+    """The text of `flask status`."""
+    if event_id is not None:
+        rows = event_deliveries(engine, event_id)
+        if not rows:
+            return [f"event {event_id}: no deliveries (unknown event, or not expanded yet)"]
+        return [f"{r['id']:>8}  {r['status']:<8} {r['userid']:<20} {r['address'] or '-':<32} "
+                f"attempts={r['attempts']} {r['reason'] or ''}".rstrip() for r in rows]
+    rows = recent_events(engine, limit)
+    if not rows:
+        return ["no events recorded yet"]
+    lines = [f"{'id':>8}  {'received':<19}  {'change':<12} {'userid':<16} {'status':<8} deliveries"]
+    for r in rows:
+        counts = ", ".join(f"{n} {s}" for s, n in sorted(r["counts"].items())) or "-"
+        lines.append(f"{r['id']:>8}  {_when(r['received_at'])}  {r['change_type']:<12} {r['user_id']:<16} "
+                     f"{r['status']:<8} {counts}")
+        if r["status"] in ("failed", "skipped") or (r["status"] == "pending" and r["attempts"]):
+            lines.append(f"{'':>10}reason: {r['reason']}")
+    failed = [d for r in rows if r["counts"].get("failed") for d in event_deliveries(engine, r["id"], "failed")]
+    for d in failed[:20]:
+        lines.append(f"  failed delivery {d['id']} (event {d['event_id']}) to {d['address']}: {d['reason']}")
+    return lines
+
+
+def requeue(engine, event_id: int | None = None) -> tuple[int, int]:
+    """Make failed deliveries (and failed events) due again; return (events, deliveries) requeued."""
+    now = time.time()
+
+    def write():
+        with engine.begin() as conn:
+            d_where = [deliveries.c.status == "failed"]
+            e_where = [events.c.status == "failed"]
+            if event_id is not None:
+                d_where.append(deliveries.c.event_id == event_id)
+                e_where.append(events.c.id == event_id)
+            n_deliveries = conn.execute(deliveries.update().where(*d_where).values(
+                status="retry", next_attempt_at=now, first_attempt_at=now, attempts=0)).rowcount
+            # A failed event that never got deliveries starts over; one with deliveries resumes sending.
+            expanded = sa.exists().where(deliveries.c.event_id == events.c.id)
+            n_events = conn.execute(events.update().where(*e_where, ~expanded).values(
+                status="pending", next_attempt_at=now, first_attempt_at=None, attempts=0, reason="requeued",
+                finished_at=None)).rowcount
+            reopened = [deliveries.c.event_id == events.c.id, deliveries.c.status.in_(DELIVERY_OPEN)]
+            conn.execute(events.update().where(events.c.status.in_(("done", "failed")),
+                                               sa.exists().where(*reopened),
+                                               *([events.c.id == event_id] if event_id is not None else []))
+                         .values(status="sending", next_attempt_at=now, finished_at=None))
+            return n_events, n_deliveries
+    return with_retries(write)

@@ -1,0 +1,270 @@
+"""The delivery loop: claim → scope → template → members → deliveries → send."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from sqlalchemy.exc import DBAPIError
+
+import addressbook
+import mailer
+import outbox
+import templates_repo
+import wecom
+
+log = logging.getLogger("wecom_mailer.worker")
+POLL_SECONDS = 1.0
+SNAPSHOT_RETRY_SECONDS = 60.0
+
+
+class Worker:
+    """One delivery loop; owns its lease identity. Run it in a thread (web) or alone (`flask worker`)."""
+
+    def __init__(self, settings, engine, template_engine, client, metrics=None):
+        self.settings = settings
+        self.engine = engine
+        self.template_engine = template_engine
+        self.client = client
+        self.metrics = metrics
+        self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stop = threading.Event()
+        self.wakeup = threading.Event()
+        self._snapshots_due = 0.0
+
+    # -- loop ----------------------------------------------------------------------------------
+
+    def run(self) -> None:
+        """Work until `stop` is set; a failure of one round is logged, never fatal."""
+        log.info("delivery worker %s started", self.owner)
+        while not self.stop.is_set():
+            try:
+                self.ensure_snapshots()
+                busy = self.run_once()
+            except DBAPIError as exc:
+                log.warning("state database error, retrying in %.0f s: %s", POLL_SECONDS * 5,
+                            exc.orig.__class__.__name__)
+                busy = False
+                self.stop.wait(POLL_SECONDS * 4)
+            except Exception:
+                log.exception("delivery round failed; continuing")
+                busy = False
+            if not busy:
+                self.wakeup.wait(POLL_SECONDS)
+                self.wakeup.clear()
+        log.info("delivery worker %s stopped", self.owner)
+
+    def run_once(self) -> bool:
+        """Process one due event, if any; True when there was one."""
+        row = outbox.claim_event(self.engine, self.owner, self.settings.lease_seconds)
+        if row is None:
+            return False
+        started = time.monotonic()
+        if row.status == "pending":
+            if not self.expand(row):
+                return True
+        self.send(row.id, row, started)
+        return True
+
+    def ensure_snapshots(self) -> None:
+        """Take the member snapshot of each watched department that has none (at start-up, then retried)."""
+        if time.time() < self._snapshots_due:
+            return
+        missing = [d for d in self.settings.department_ids
+                   if d not in outbox.load_snapshots(self.engine, self.settings.department_ids)]
+        self._snapshots_due = float("inf")
+        if not missing:
+            return
+        try:
+            self.refresh_snapshots(self.client.list_members(missing, self.settings.fetch_child))
+            log.info("member snapshot taken for department(s) %s", ",".join(map(str, missing)))
+        except wecom.WeComError as exc:
+            self._snapshots_due = time.time() + SNAPSHOT_RETRY_SECONDS
+            log.warning("cannot take the member snapshot of department(s) %s yet: %s",
+                        ",".join(map(str, missing)), exc)
+
+    def refresh_snapshots(self, members_by_department) -> None:
+        for department_id, members in members_by_department.items():
+            outbox.save_snapshot(self.engine, department_id, members, {department_id})
+
+    # -- expansion: from an event to delivery rows ---------------------------------------------
+
+    def expand(self, row) -> bool:
+        """Decide scope, render, list members and write deliveries; False when the event ends here."""
+        settings = self.settings
+        change = wecom.parse_event(row.xml)
+        touched = self.touched_departments(change)
+        if not touched:
+            return self.finish(row, "ignored", "not a change to a member of a watched department")
+        try:
+            template = templates_repo.load_template(self.template_engine, settings.template_table,
+                                                    settings.template_app, change.change_type)
+        except DBAPIError as exc:
+            return self.postpone(row, f"template database unavailable ({exc.orig.__class__.__name__})")
+        if template is None:
+            return self.finish(row, "skipped", f"no template for change_type {change.change_type!r} "
+                                               f"(app {settings.template_app!r} in {settings.template_table})")
+        try:
+            members_by_department = self.client.list_members(touched, settings.fetch_child)
+        except wecom.WeComError as exc:
+            if exc.permanent:
+                return self.finish(row, "failed", f"WeCom: {exc}")
+            return self.postpone(row, f"WeCom: {exc}")
+        self.refresh_snapshots(members_by_department)
+        members = list({m.userid: m for ms in members_by_department.values() for m in ms}.values())
+        name_fallback = next((m.name for m in members if m.userid == change.user_id), "")
+        try:
+            subject, body = templates_repo.render_email(template, change, settings.tz, name_fallback)
+        except templates_repo.RenderError as exc:
+            return self.finish(row, "failed", f"template error: {exc}")
+        rows = []
+        for member, address in addressbook.resolve(settings, self.engine, members):
+            rows.append({"userid": member.userid[:64], "name": member.name[:255], "address": address,
+                         "status": "pending" if address else "skipped",
+                         "reason": None if address else "no address"})
+        if not outbox.expand_event(self.engine, row.id, self.owner, subject, body, rows):
+            log.warning("event %s: lease lost while expanding; another worker has it", row.id)
+            return False
+        return True
+
+    def touched_departments(self, change) -> list[int]:
+        """The watched departments this change concerns (NOTIFY_SCOPE), from the event and the snapshot."""
+        watched = self.settings.department_ids
+        if not change.is_member_change:
+            return []
+        if self.settings.notify_scope == "corp":
+            return list(watched)
+        snapshots = outbox.load_snapshots(self.engine, watched)
+        userids = {change.user_id, change.fields.get("newuserid", "")} - {""}
+        touched = []
+        for department_id in watched:
+            covered, members = snapshots.get(department_id, ({department_id}, set()))
+            if covered & set(change.departments) or userids & members:
+                touched.append(department_id)
+        return touched
+
+    def finish(self, row, status: str, reason: str) -> bool:
+        outbox.update_event(self.engine, row.id, self.owner, status=status, reason=reason,
+                            finished_at=time.time())
+        level = logging.WARNING if status == "failed" else logging.INFO
+        log.log(level, "event %s %s userid=%s: %s (%s)", row.id, row.change_type, row.user_id, status, reason)
+        self._observe_event(status)
+        return False
+
+    def postpone(self, row, reason: str) -> bool:
+        """A transient failure before deliveries exist: back off, or fail after RETRY_MAX_HOURS."""
+        now = time.time()
+        first = row.first_attempt_at or now
+        attempts = row.attempts + 1
+        if now - first > self.settings.retry_max_hours * 3600:
+            return self.finish(row, "failed", f"gave up after {attempts} attempts: {reason}")
+        delay = outbox.backoff_seconds(attempts, self.settings.retry_backoff)
+        outbox.update_event(self.engine, row.id, self.owner, attempts=attempts, first_attempt_at=first,
+                            next_attempt_at=now + delay, reason=reason)
+        log.warning("event %s %s: %s; retry %d in %.0f s", row.id, row.change_type, reason, attempts, delay)
+        return False
+
+    # -- sending -------------------------------------------------------------------------------
+
+    def send(self, event_id: int, row, started: float) -> None:
+        """Send the due deliveries of a held event over one reused connection per SMTP_CONNECTIONS."""
+        event = _EventRound(self, event_id)
+        due = outbox.due_deliveries(self.engine, event_id)
+        subject, body = outbox.event_message(self.engine, event_id)
+        items = [mailer.Outgoing(d.id, d.address, d.name, subject, body) for d in due]
+        meta = {d.id: d for d in due}
+        mailer.send_all(self.settings, items, lambda item, result: event.record(meta[item.delivery_id], result),
+                        self.stop)
+        if event.lost:
+            log.warning("event %s: lease lost during sending; another worker continues", event_id)
+            return
+        if event.retry_at is not None:
+            outbox.postpone_untried(self.engine, event_id, event.retry_at)
+        next_due = outbox.next_open_delivery_at(self.engine, event_id)
+        counts = outbox.delivery_counts(self.engine, event_id)
+        summary = (f"{event.sent} sent, {counts.get('skipped', 0)} skipped (no address), "
+                   f"{event.failed} failed, {event.retried} to retry")
+        if next_due is None:
+            outbox.update_event(self.engine, event_id, self.owner, status="done", finished_at=time.time(),
+                                reason=_final_reason(counts))
+            self._observe_event("done")
+        else:
+            outbox.update_event(self.engine, event_id, self.owner, next_attempt_at=next_due,
+                                reason=_final_reason(counts))
+        log.info("event %s %s userid=%s: %s in %.1f s", event_id, row.change_type, row.user_id, summary,
+                 time.monotonic() - started)
+
+    def _observe_event(self, status: str) -> None:
+        if self.metrics:
+            self.metrics.event_finished(status)
+
+
+class _EventRound:
+    """Outcomes of one sending round of one event; called from the SMTP threads."""
+
+    def __init__(self, worker: Worker, event_id: int):
+        self.worker = worker
+        self.event_id = event_id
+        self.sent = self.failed = self.retried = 0
+        self.retry_at: float | None = None
+        self.lost = False
+        self._lock = threading.Lock()
+        self._renewed = time.monotonic()
+
+    def record(self, delivery, result) -> bool:
+        """Write one outcome at once (so a crash repeats at most the message in flight); False to stop."""
+        worker, settings, now = self.worker, self.worker.settings, time.time()
+        attempts = delivery.attempts + 1
+        first = delivery.first_attempt_at or now
+        if result.ok:
+            outbox.mark_delivery(worker.engine, delivery.id, status="sent", sent_at=now, attempts=attempts,
+                                 first_attempt_at=first, reason=None)
+            outcome = "sent"
+        elif result.permanent or now - first > settings.retry_max_hours * 3600:
+            reason = result.reason if result.permanent else f"gave up after {attempts} attempts: {result.reason}"
+            outbox.mark_delivery(worker.engine, delivery.id, status="failed", attempts=attempts,
+                                 first_attempt_at=first, reason=reason[:1000])
+            outcome = "failed"
+        else:
+            retry_at = now + outbox.backoff_seconds(attempts, settings.retry_backoff)
+            outbox.mark_delivery(worker.engine, delivery.id, status="retry", attempts=attempts,
+                                 first_attempt_at=first, next_attempt_at=retry_at, reason=result.reason[:1000])
+            outcome = "retry"
+        with self._lock:
+            if outcome == "sent":
+                self.sent += 1
+            elif outcome == "failed":
+                self.failed += 1
+            else:
+                self.retried += 1
+                self.retry_at = retry_at if self.retry_at is None else min(self.retry_at, retry_at)
+            if worker.metrics:
+                worker.metrics.delivery(outcome)
+            if time.monotonic() - self._renewed > settings.lease_seconds / 3:
+                self._renewed = time.monotonic()
+                if not outbox.renew_lease(worker.engine, self.event_id, worker.owner, settings.lease_seconds):
+                    self.lost = True
+            return not self.lost
+
+
+def _final_reason(counts: dict[str, int]) -> str:
+    return ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+
+
+def start_in_background(worker: Worker) -> threading.Thread:
+    """Run the worker in a daemon thread of the web process; stopped and joined at exit."""
+    import atexit
+
+    thread = threading.Thread(target=worker.run, name="wecom-mailer-worker", daemon=True)
+    thread.start()
+
+    def stop_worker():
+        worker.stop.set()
+        worker.wakeup.set()
+        thread.join(timeout=worker.settings.smtp_timeout + 5)
+
+    atexit.register(stop_worker)
+    return thread
