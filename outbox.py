@@ -136,7 +136,7 @@ def init_schema(engine: Engine) -> None:
             conn.execute(sa.schema.CreateTable(table, if_not_exists=True))
             for index in table.indexes:
                 _create_index(conn, index)
-        conn.execute(_insert_ignore(schema_info), {"version": SCHEMA_VERSION, "applied_at": time.time()})
+        conn.execute(insert_ignore(schema_info), {"version": SCHEMA_VERSION, "applied_at": time.time()})
 
 
 def _create_index(conn, index: Index) -> None:
@@ -147,7 +147,7 @@ def _create_index(conn, index: Index) -> None:
             raise
 
 
-def _insert_ignore(table: Table):
+def insert_ignore(table: Table):
     """INSERT that skips rows whose unique key exists (SQLite and MySQL/MariaDB)."""
     return table.insert().prefix_with("OR IGNORE", dialect="sqlite").prefix_with("IGNORE", dialect="mysql")
 
@@ -182,7 +182,7 @@ def record_event(engine: Engine, xml: str, change, status: str, reason: str | No
            "attempts": 0, "received_at": now, "next_attempt_at": 0}
     try:
         with engine.begin() as conn:
-            result = conn.execute(_insert_ignore(events), row)
+            result = conn.execute(insert_ignore(events), row)
             if result.rowcount == 1:
                 return result.inserted_primary_key[0], True
             existing = conn.execute(sa.select(events.c.id).where(events.c.dedup_key == key)).scalar_one()
@@ -217,7 +217,7 @@ class TokenStore:
             updated = conn.execute(access_tokens.update().where(access_tokens.c.key == key)
                                    .values(access_token=token, expires_at=expires_at)).rowcount
             if not updated:
-                conn.execute(_insert_ignore(access_tokens),
+                conn.execute(insert_ignore(access_tokens),
                              {"key": key, "access_token": token, "expires_at": expires_at})
 
 
@@ -313,7 +313,7 @@ def expand_event(engine: Engine, event_id: int, owner: str, subject: str, body: 
                 conn.rollback()
                 return False
             for start in range(0, len(rows), 1000):
-                conn.execute(_insert_ignore(deliveries), rows[start:start + 1000])
+                conn.execute(insert_ignore(deliveries), rows[start:start + 1000])
             return True
     return with_retries(write)
 
@@ -401,7 +401,7 @@ def save_snapshot(engine: Engine, department_id: int, members, covered) -> None:
             if not conn.execute(department_snapshots.update()
                                 .where(department_snapshots.c.department_id == department_id)
                                 .values(**snapshot)).rowcount:
-                conn.execute(_insert_ignore(department_snapshots), {"department_id": department_id, **snapshot})
+                conn.execute(insert_ignore(department_snapshots), {"department_id": department_id, **snapshot})
     with_retries(write)
 
 

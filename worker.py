@@ -120,8 +120,12 @@ class Worker:
             subject, body = templates_repo.render_email(template, change, settings.tz, name_fallback)
         except templates_repo.RenderError as exc:
             return self.finish(row, "failed", f"template error: {exc}")
+        try:
+            resolved = addressbook.resolve(settings, self.engine, members)
+        except DBAPIError as exc:
+            return self.postpone(row, f"address book unavailable ({exc.orig.__class__.__name__})")
         rows = []
-        for member, address in addressbook.resolve(settings, self.engine, members):
+        for member, address in resolved:
             rows.append({"userid": member.userid[:64], "name": member.name[:255], "address": address,
                          "status": "pending" if address else "skipped",
                          "reason": None if address else "no address"})

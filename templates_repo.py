@@ -1,0 +1,126 @@
+"""Email templates: read from the original table, rendered with plain placeholders only."""
+from __future__ import annotations
+
+import string
+from dataclasses import dataclass
+from datetime import datetime, tzinfo
+from zoneinfo import ZoneInfo
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import IntegrityError
+
+from wecom import MEMBER_FIELDS, ContactChange
+
+# The original scenario's rows, bodies exactly as stored there: a two-character backslash-n.
+ORIGINAL_ROWS = (
+    ("create_user", "新增成员", "新增时间：{createtime}\\n 新增成员 ID：{userid}"),
+    ("update_user", "更新成员", "更新时间：{createtime}\\n 更新成员 ID：{userid}"),
+    ("delete_user", "删除成员", "删除时间：{createtime}\\n 删除成员 ID：{userid}"),
+)
+DEFAULT_TZ = "Asia/Shanghai"
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
+PLACEHOLDERS = ("createtime", "change_type", "changetype") + tuple(f.lower() for f in MEMBER_FIELDS)
+
+
+@dataclass(frozen=True)
+class EmailTemplate:
+    title: str
+    body: str
+
+
+class RenderError(Exception):
+    """A template that cannot be rendered; the message names the placeholder and is safe to store."""
+
+
+def _template_table(name: str) -> sa.Table:
+    # Only the columns the original flow uses; an existing table may have more.
+    return sa.Table(
+        name, sa.MetaData(),
+        sa.Column("app", sa.String(64), nullable=False),
+        sa.Column("change_type", sa.String(64), nullable=False),
+        sa.Column("email_title", sa.String(255), nullable=False),
+        sa.Column("email_body", sa.Text, nullable=False),
+        sa.UniqueConstraint("app", "change_type", name=f"uq_{name}_app_change"[:64]),
+        mysql_charset="utf8mb4", mysql_engine="InnoDB",
+    )
+
+
+def load_template(engine: Engine, table: str, app: str, change_type: str) -> EmailTemplate | None:
+    """The (title, body) row for `app` and `change_type`, or None; only reads (the database may be read-only)."""
+    t = _template_table(table)
+    query = (sa.select(t.c.email_title, t.c.email_body)
+             .where(t.c.app == app, t.c.change_type == change_type).limit(1))
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    return None if row is None else EmailTemplate(row.email_title or "", row.email_body or "")
+
+
+def seed_templates(engine: Engine, table: str, app: str) -> int:
+    """Create the template table if missing and add the original rows `app` lacks; return rows added."""
+    try:
+        return _seed_once(engine, _template_table(table), app)
+    except IntegrityError:
+        # Another process inserted the same rows at the same moment: look again, once.
+        return _seed_once(engine, _template_table(table), app)
+
+
+def _seed_once(engine: Engine, t: sa.Table, app: str) -> int:
+    with engine.begin() as conn:
+        conn.execute(sa.schema.CreateTable(t, if_not_exists=True))  # no check-then-create race
+        # A pre-existing table may lack the unique key, so look before inserting.
+        present = set(conn.execute(sa.select(t.c.change_type).where(t.c.app == app)).scalars())
+        missing = [{"app": app, "change_type": change_type, "email_title": title, "email_body": body}
+                   for change_type, title, body in ORIGINAL_ROWS if change_type not in present]
+        if missing:
+            conn.execute(t.insert(), missing)
+    return len(missing)
+
+
+def event_values(change: ContactChange, tz: tzinfo | None, name_fallback: str = "") -> dict[str, str]:
+    """Every placeholder's value for this event; fields the event lacks are empty."""
+    values = {name: "" for name in PLACEHOLDERS}
+    values.update({key: str(value) for key, value in change.fields.items() if key in values})
+    values["userid"] = change.user_id or values["userid"]
+    values["name"] = values["name"] or name_fallback
+    values["change_type"] = values["changetype"] = change.change_type
+    if change.create_time is not None:
+        try:
+            moment = datetime.fromtimestamp(change.create_time, tz or ZoneInfo(DEFAULT_TZ))
+            values["createtime"] = moment.strftime(TIME_FORMAT)
+        except (OverflowError, OSError, ValueError):
+            values["createtime"] = str(change.create_time)  # beyond datetime's range: show it as sent
+    return values
+
+
+def render(text: str, values: dict[str, str]) -> str:
+    """Substitute `{name}` placeholders; anything but a plain known name raises RenderError."""
+    try:
+        parts = list(string.Formatter().parse(text))
+    except ValueError as exc:  # a lone { or }
+        raise RenderError(f"template is malformed ({exc}): write a literal brace as {{{{ or }}}}") from None
+    out = []
+    for literal, name, spec, conversion in parts:
+        # The stored rows hold a two-character \n; only template text is converted, never event data.
+        out.append(literal.replace("\\r\\n", "\n").replace("\\n", "\n"))
+        if name is None:
+            continue
+        shown = _placeholder(name, spec, conversion)
+        if conversion is not None or spec or name not in values:
+            raise RenderError(f"template placeholder {shown} is not allowed: use a plain name, one of "
+                              + ", ".join("{%s}" % n for n in sorted(values)))
+        out.append(values[name])
+    return "".join(out)
+
+
+def _placeholder(name: str, spec: str | None, conversion: str | None) -> str:
+    text = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+    return text if len(text) <= 60 else text[:57] + "...}"
+
+
+def render_email(template: EmailTemplate, change: ContactChange, tz: tzinfo | None,
+                 name_fallback: str = "") -> tuple[str, str]:
+    """(subject, body) for this event; the subject is one line so it can never add a header."""
+    values = event_values(change, tz, name_fallback)
+    lines = render(template.title, values).splitlines()
+    return " ".join(line.strip() for line in lines if line.strip()), render(template.body, values)

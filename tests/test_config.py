@@ -1,0 +1,116 @@
+"""A configuration mistake stops start-up with one line that names the variable; secrets are never shown."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import config
+from conftest import ROOT, TEST_AES_KEY, TEST_SECRET, TEST_TOKEN, base_env
+
+BAD = [
+    # (variable, value or None to unset, words the message must contain)
+    ("WECOM_CORP_ID", None, "WECOM_CORP_ID is required"),
+    ("WECOM_CONTACT_SECRET", None, "WECOM_CONTACT_SECRET is required"),
+    ("WECOM_CALLBACK_TOKEN", None, "WECOM_CALLBACK_TOKEN is required"),
+    ("WECOM_CALLBACK_AES_KEY", None, "WECOM_CALLBACK_AES_KEY is required"),
+    ("WECOM_DEPARTMENT_ID", None, "WECOM_DEPARTMENT_ID is required"),
+    ("WECOM_CALLBACK_AES_KEY", TEST_AES_KEY[:42], "must be 43 characters (got 42)"),
+    ("WECOM_CALLBACK_AES_KEY", TEST_AES_KEY[:42] + "!", "not a valid EncodingAESKey"),
+    ("WECOM_CALLBACK_TOKEN", "has spaces in it", "WECOM_CALLBACK_TOKEN must be"),
+    ("WECOM_DEPARTMENT_ID", "sales", "WECOM_DEPARTMENT_ID must be positive integer"),
+    ("WECOM_DEPARTMENT_ID", "2,x", "WECOM_DEPARTMENT_ID must be positive integer"),
+    ("SMTP_SECURITY", "tls", "SMTP_SECURITY must be one of ssl, starttls, none"),
+    ("DATABASE_URL", "not a url", "DATABASE_URL is not a database URL"),
+    ("DATABASE_URL", "postgresql://x@y/z", "DATABASE_URL must use mysql+pymysql"),
+    ("TEMPLATE_DATABASE_URL", "mysql://x@y/z", "TEMPLATE_DATABASE_URL must name the pymysql driver"),
+    ("WECOM_FETCH_CHILD", "maybe", "WECOM_FETCH_CHILD must be true or false"),
+    ("NOTIFY_SCOPE", "everyone", "NOTIFY_SCOPE must be one of department, corp"),
+    ("EMAIL_SOURCES", "wecom,ldap", "EMAIL_SOURCES has unknown source 'ldap'"),
+    ("EMAIL_PATTERN", "corp.example", "EMAIL_PATTERN must contain {userid}"),
+    ("MAIL_BACKEND", "carrier-pigeon", "MAIL_BACKEND must be one of"),
+    ("SMTP_PORT", "smtp", "SMTP_PORT must be a whole number"),
+    ("SMTP_CONNECTIONS", "0", "SMTP_CONNECTIONS must be between 1 and 32"),
+    ("RETRY_BACKOFF_SECONDS", "soon", "RETRY_BACKOFF_SECONDS must be a number"),
+    ("TIMEZONE", "Mars/Olympus", "TIMEZONE 'Mars/Olympus' is not an IANA zone"),
+    ("TEMPLATE_TABLE", "x; drop table y", "TEMPLATE_TABLE must be a plain table name"),
+    ("CALLBACK_PATH", "wecom", "CALLBACK_PATH must start with '/'"),
+    ("LOG_FORMAT", "xml", "LOG_FORMAT must be one of text, json"),
+]
+
+
+def _env(name, value, **extra):
+    env = base_env(**extra)
+    if value is None:
+        env.pop(name, None)
+    else:
+        env[name] = value
+    return env
+
+
+@pytest.mark.parametrize("name,value,expected", BAD, ids=[f"{n}={v}" for n, v, _ in BAD])
+def test_bad_settings_name_the_variable(name, value, expected):
+    with pytest.raises(config.ConfigError) as info:
+        config.from_env(_env(name, value))
+    assert expected in str(info.value)
+    for secret in (TEST_SECRET, TEST_TOKEN, TEST_AES_KEY):
+        assert secret not in str(info.value)
+
+
+def test_defaults_follow_the_design():
+    env = base_env(MAIL_BACKEND="smtp", SMTP_HOST="smtp.qq.com", SMTP_USER="it@qq.example")
+    del env["MAIL_FROM"]
+    settings = config.from_env(env)
+    assert settings.smtp_port == 465 and settings.smtp_security == "ssl"
+    assert settings.mail_from == "it@qq.example"
+    assert settings.database_url == settings.template_database_url == "sqlite:///var/wecom-mailer.db"
+    assert (settings.callback_path, settings.callback_max_skew, settings.callback_max_body) == \
+        ("/wecom/callback", 300, 262144)
+    assert settings.email_sources == ("wecom", "directory", "pattern") and settings.email_pattern is None
+    assert (settings.retry_backoff, settings.retry_max_hours, settings.lease_seconds) == (30, 48, 30)
+    starttls = config.from_env(base_env(SMTP_SECURITY="starttls"))
+    assert starttls.smtp_port == 587
+    assert config.from_env(base_env(WECOM_DEPARTMENT_ID="2, 7,2")).department_ids == (2, 7)
+
+
+def test_secrets_can_come_from_files(tmp_path):
+    (tmp_path / "secret").write_text(TEST_SECRET + "\n")
+    env = _env("WECOM_CONTACT_SECRET", None, WECOM_CONTACT_SECRET_FILE=str(tmp_path / "secret"))
+    assert config.from_env(env).contact_secret == TEST_SECRET
+
+
+def test_settings_repr_hides_secrets():
+    text = repr(config.from_env(base_env(SMTP_PASSWORD="hunter2-authcode", ADMIN_TOKEN="admintokenvalue")))
+    for secret in (TEST_SECRET, TEST_TOKEN, TEST_AES_KEY, "hunter2-authcode", "admintokenvalue"):
+        assert secret not in text
+
+
+def _run(args, env, timeout=60):
+    full = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **env}
+    return subprocess.run(args, cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
+
+
+FLASK = [sys.executable, "-m", "flask", "--app", "app"]
+
+
+@pytest.mark.parametrize("name,value,expected", [
+    ("WECOM_CALLBACK_AES_KEY", TEST_AES_KEY[:42], "WECOM_CALLBACK_AES_KEY must be 43 characters"),
+    ("WECOM_DEPARTMENT_ID", None, "WECOM_DEPARTMENT_ID is required"),
+])
+def test_flask_commands_stop_with_one_line(tmp_path, name, value, expected):
+    result = _run(FLASK + ["status"], _env(name, value, DATABASE_URL=f"sqlite:///{tmp_path}/s.db"))
+    assert result.returncode != 0
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert TEST_SECRET not in result.stderr + result.stdout
+
+
+def test_gunicorn_stops_with_one_line(tmp_path):
+    env = _env("WECOM_CALLBACK_AES_KEY", "short", DATABASE_URL=f"sqlite:///{tmp_path}/s.db")
+    result = _run([sys.executable, "-m", "gunicorn", "app:create_app()", "-b", "127.0.0.1:0"], env)
+    assert result.returncode != 0
+    assert "WECOM_CALLBACK_AES_KEY must be 43 characters (got 5)" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert TEST_SECRET not in result.stderr + result.stdout
