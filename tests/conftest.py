@@ -138,3 +138,162 @@ def event_rows(engine):
 
     with engine.connect() as conn:
         return conn.execute(sa.select(outbox.events).order_by(outbox.events.c.id)).all()
+
+
+# --- the outside world: WeCom API stand-in, SMTP server, real service processes -------------------
+
+DEPARTMENT = 2
+
+
+@pytest.fixture
+def standin():
+    """The WeCom server API stand-in on 127.0.0.1, serving department 2 with five members."""
+    from wecom_standin import WeComStandIn, make_members
+
+    with WeComStandIn(TEST_CORP_ID, TEST_SECRET, {DEPARTMENT: make_members(5, DEPARTMENT)}) as server:
+        yield server
+
+
+@pytest.fixture
+def smtp_sink():
+    """A real SMTP server (aiosmtpd) on 127.0.0.1 that keeps what it accepts."""
+    from smtpd import SmtpSink
+
+    with SmtpSink() as sink:
+        yield sink
+
+
+@pytest.fixture
+def service_env(standin, smtp_sink, db_url, tmp_path):
+    """The environment of a complete service: stand-in WeCom, real SMTP, state on SQLite or MariaDB."""
+    return base_env(WECOM_API_BASE=standin.api_base, DATABASE_URL=db_url, MAIL_BACKEND="smtp",
+                    SMTP_HOST="127.0.0.1", SMTP_PORT=smtp_sink.port, SMTP_SECURITY="none",
+                    MAIL_FILE_DIR=str(tmp_path / "outbox"), RETRY_BACKOFF_SECONDS="0.05")
+
+
+@pytest.fixture
+def service(service_env):
+    """An app with the templates seeded; `service.drain()` runs the delivery worker until idle."""
+    import app as app_module
+    import templates_repo
+    import worker as delivery
+
+    flask_app = app_module.create_app(service_env)
+    settings = flask_app.config["SETTINGS"]
+    templates_repo.seed_templates(app_module.template_engine(flask_app), settings.template_table,
+                                  settings.template_app)
+
+    def make_worker(**overrides):
+        s = settings if not overrides else __import__("dataclasses").replace(settings, **overrides)
+        return delivery.Worker(s, flask_app.extensions["engine"], app_module.template_engine(flask_app),
+                               app_module.wecom_client(flask_app))
+
+    def drain(worker=None, rounds: int = 200):
+        """Run rounds until no event is due (bounded)."""
+        worker = worker or make_worker()
+        worker.ensure_snapshots()
+        for _ in range(rounds):
+            if not worker.run_once():
+                return worker
+        raise AssertionError("worker still busy after %d rounds" % rounds)
+
+    flask_app.make_worker = make_worker
+    flask_app.drain = drain
+    flask_app.engine = flask_app.extensions["engine"]
+    return flask_app
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Process:
+    """A real service process (gunicorn or `flask worker`) with its output kept in a file."""
+
+    def __init__(self, args, env, log_path):
+        import subprocess
+
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        full_env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **env}
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @property
+    def log(self) -> str:
+        return Path(self.log_path).read_text(errors="replace")
+
+    def signal(self, signum):
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 20):
+        import signal as signals
+        import subprocess
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signals.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+
+@pytest.fixture
+def processes(tmp_path):
+    """Start real service processes; all are stopped at the end of the test."""
+    started: list[Process] = []
+
+    class Launcher:
+        def gunicorn(self, env, workers: int = 1, port: int | None = None) -> tuple[Process, str]:
+            port = port or free_port()
+            args = [sys.executable, "-m", "gunicorn", "app:create_app()", "-b", f"127.0.0.1:{port}",
+                    "--workers", str(workers), "--no-control-socket"]
+            process = Process(args, env, tmp_path / f"gunicorn-{port}.log")
+            started.append(process)
+            base = f"http://127.0.0.1:{port}"
+            wait_http(base + "/healthz", process)
+            return process, base
+
+        def worker(self, env, name: str = "worker") -> Process:
+            args = [sys.executable, "-m", "flask", "--app", "app", "worker"]
+            process = Process(args, env, tmp_path / f"{name}-{len(started)}.log")
+            started.append(process)
+            return process
+
+    yield Launcher()
+    for process in started:
+        process.stop()
+
+
+def wait_http(url: str, process: "Process | None" = None, timeout: float = 30) -> None:
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.proc.poll() is not None:
+            raise AssertionError(f"process exited early:\n{process.log[-3000:]}")
+        try:
+            requests.get(url, timeout=1)
+            return
+        except requests.RequestException:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} did not answer within {timeout} s")
+
+
+def wait_until(predicate, timeout: float = 30, interval: float = 0.05):
+    """Poll `predicate` until it returns something truthy (bounded); return that value."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(interval)

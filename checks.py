@@ -1,0 +1,101 @@
+"""`flask check`: try every dependency with the current configuration; one line each, with the fix."""
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.exc import DBAPIError
+
+import addressbook
+import config
+import mailer
+import outbox
+import templates_repo
+import wecom
+from wecom import MEMBER_CHANGES
+
+
+def run_all(app) -> list[tuple[bool, str]]:
+    """Every check in order; a failed prerequisite skips what depends on it."""
+    from app import template_engine, wecom_client
+
+    settings = app.config["SETTINGS"]
+    engine = app.extensions["engine"]
+    results = [state_database(engine, settings), template_rows(template_engine(app), settings)]
+    state_ok = results[0][0]
+    client = wecom_client(app)
+    token_ok, line = wecom_token(client)
+    results.append((token_ok, line))
+    if token_ok:
+        results.extend(departments(client, settings, engine if state_ok else None))
+    results.append(smtp(settings))
+    return [(ok, config.mask(line, settings)) for ok, line in results]
+
+
+def _url(url: str) -> str:
+    return sa.engine.make_url(url).render_as_string(hide_password=True)
+
+
+def state_database(engine, settings) -> tuple[bool, str]:
+    try:
+        outbox.init_schema(engine)
+        with engine.connect() as conn:
+            version = conn.execute(sa.select(sa.func.max(outbox.schema_info.c.version))).scalar()
+    except DBAPIError as exc:
+        return False, (f"state database {_url(settings.database_url)}: {exc.orig.__class__.__name__}: "
+                       f"{str(exc.orig)[:120]} — check DATABASE_URL and that the server accepts connections")
+    return True, f"state database {_url(settings.database_url)}: reachable, schema version {version}"
+
+
+def template_rows(engine, settings) -> tuple[bool, str]:
+    where = f"{settings.template_table} (app {settings.template_app!r}) in {_url(settings.template_database_url)}"
+    try:
+        missing = [t for t in MEMBER_CHANGES
+                   if templates_repo.load_template(engine, settings.template_table, settings.template_app, t) is None]
+    except DBAPIError as exc:
+        return False, (f"templates {where}: {exc.orig.__class__.__name__}: {str(exc.orig)[:120]} — check "
+                       "TEMPLATE_DATABASE_URL / TEMPLATE_TABLE, or run `flask --app app init-db --seed-templates`")
+    if missing:
+        return False, (f"templates {where}: no row for {', '.join(missing)} — add them, or run "
+                       "`flask --app app init-db --seed-templates` for the original three")
+    return True, f"templates {where}: a row for each of {', '.join(MEMBER_CHANGES)}"
+
+
+def wecom_token(client) -> tuple[bool, str]:
+    try:
+        client.check_token()
+    except wecom.WeComError as exc:
+        return False, f"WeCom gettoken: {exc}"
+    return True, "WeCom gettoken: access token obtained"
+
+
+def departments(client, settings, engine) -> list[tuple[bool, str]]:
+    """Each watched department listable, its member count and how many members lack an address."""
+    results = []
+    for department_id in settings.department_ids:
+        try:
+            members = client.list_members([department_id], settings.fetch_child)[department_id]
+        except wecom.WeComError as exc:
+            results.append((False, f"WeCom department {department_id}: {exc}"))
+            continue
+        line = f"WeCom department {department_id}: {len(members)} member(s)"
+        if engine is None:
+            results.append((True, line))
+            continue
+        resolved = addressbook.resolve(settings, engine, members)
+        without = [m.userid for m, address in resolved if not address]
+        if without:
+            sample = ", ".join(without[:5]) + (" …" if len(without) > 5 else "")
+            results.append((False, f"{line}, {len(without)} without an address under EMAIL_SOURCES="
+                                   f"{','.join(settings.email_sources)} ({sample}) — import them with "
+                                   "`flask --app app import-addresses FILE.csv` or set EMAIL_PATTERN"))
+        else:
+            results.append((True, f"{line}, every one with an address"))
+    return results
+
+
+def smtp(settings) -> tuple[bool, str]:
+    if settings.mail_backend != "smtp":
+        return True, f"mail: MAIL_BACKEND={settings.mail_backend} (nothing is sent over SMTP)"
+    try:
+        return True, "SMTP: " + mailer.check_smtp(settings)
+    except mailer.MailError as exc:
+        return False, f"SMTP {settings.smtp_host}:{settings.smtp_port} ({settings.smtp_security}): {exc}"

@@ -1,0 +1,207 @@
+"""The scenario: a change to a watched department → every member gets the rendered email, exactly once."""
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+import outbox
+import wecom
+from conftest import DEPARTMENT, TEST_CORP_ID, event_rows, signed_post, wait_until
+from wecom_standin import make_members
+
+CREATED_AT = 1700000000  # 2023-11-15 06:13:20 in Asia/Shanghai
+
+
+def change(change_type, userid="user0003", departments=str(DEPARTMENT), **extra):
+    return wecom.event_xml(change_type, userid, TEST_CORP_ID, departments, create_time=CREATED_AT, **extra)
+
+
+def text(message) -> str:
+    """The body as the member reads it (SMTP carries CRLF line ends)."""
+    return message.get_content().replace("\r\n", "\n").rstrip("\n")
+
+
+def delivery_rows(engine):
+    with engine.connect() as conn:
+        return conn.execute(sa.select(outbox.deliveries).order_by(outbox.deliveries.c.id)).all()
+
+
+EXPECTED = {
+    "create_user": ("新增成员", "新增时间：2023-11-15 06:13:20\n 新增成员 ID：user0003"),
+    "update_user": ("更新成员", "更新时间：2023-11-15 06:13:20\n 更新成员 ID：user0003"),
+    "delete_user": ("删除成员", "删除时间：2023-11-15 06:13:20\n 删除成员 ID：user0003"),
+}
+
+
+def test_each_change_type_mails_every_member_once_with_the_original_template(service, smtp_sink, crypto):
+    client = service.test_client()
+    service.drain()  # the start-up snapshot: department 2 has user0001..user0005
+    for change_type, (subject, body) in EXPECTED.items():
+        assert signed_post(client, crypto, change(change_type)).data == b"success"
+        service.drain()
+        batch = [m for m in smtp_sink.messages if m["Subject"] == subject]
+        assert sorted(m["X-RcptTo"] for m in batch) == [f"user{i:04d}@corp.example" for i in range(1, 6)]
+        for message in batch:
+            assert text(message) == body
+            assert message["To"].addresses[0].addr_spec == message["X-RcptTo"]
+            assert message["Date"] and message["Message-ID"]
+    assert len(smtp_sink.messages) == 15
+    assert [r.status for r in event_rows(service.engine)] == ["done"] * 3
+
+
+def test_the_same_callback_again_sends_no_second_email(service, smtp_sink, crypto):
+    client = service.test_client()
+    xml = change("create_user")
+    signed_post(client, crypto, xml)
+    service.drain()
+    signed_post(client, crypto, xml)  # WeCom's retry of the same event
+    service.drain()
+    assert len(smtp_sink.messages) == 5
+    assert len(event_rows(service.engine)) == 1
+
+
+def test_new_member_is_among_the_recipients(service, standin, smtp_sink, crypto):
+    service.drain()
+    newcomer = {"userid": "wangwu", "name": "王五", "department": [DEPARTMENT], "email": "wangwu@corp.example"}
+    standin.set_members(DEPARTMENT, make_members(5, DEPARTMENT) + [newcomer])
+    signed_post(service.test_client(), crypto, change("create_user", "wangwu"))
+    service.drain()
+    assert "wangwu@corp.example" in {m["X-RcptTo"] for m in smtp_sink.messages}
+    assert len(smtp_sink.messages) == 6
+
+
+def test_deleted_member_is_recognised_from_the_snapshot_and_not_mailed(service, standin, smtp_sink, crypto):
+    service.drain()  # snapshot knows user0005
+    standin.set_members(DEPARTMENT, make_members(4, DEPARTMENT))  # user0005 has left
+    delete = wecom.event_xml("delete_user", "user0005", TEST_CORP_ID, create_time=CREATED_AT)  # carries UserID only
+    signed_post(service.test_client(), crypto, delete)
+    service.drain()
+    assert sorted(m["X-RcptTo"] for m in smtp_sink.messages) == [f"user{i:04d}@corp.example" for i in range(1, 5)]
+    assert "删除成员 ID：user0005" in text(smtp_sink.messages[0])
+
+
+def test_member_moving_out_of_the_department_is_noticed(service, smtp_sink, crypto):
+    service.drain()
+    signed_post(service.test_client(), crypto, change("update_user", "user0002", departments="9"))
+    service.drain()
+    assert len(smtp_sink.messages) == 5
+
+
+def test_change_outside_the_watched_department_is_ignored_under_department_scope(service, smtp_sink, crypto):
+    service.drain()
+    signed_post(service.test_client(), crypto, change("create_user", "stranger", departments="9"))
+    service.drain()
+    assert smtp_sink.messages == []
+    [row] = event_rows(service.engine)
+    assert row.status == "ignored" and "watched department" in row.reason
+
+
+def test_corp_scope_notifies_the_department_of_any_change(service, smtp_sink, crypto):
+    worker = service.make_worker(notify_scope="corp")
+    signed_post(service.test_client(), crypto, change("create_user", "stranger", departments="9"))
+    service.drain(worker)
+    assert len(smtp_sink.messages) == 5
+    assert "新增成员 ID：stranger" in text(smtp_sink.messages[0])
+
+
+def test_missing_template_skips_the_event_with_the_reason(service, smtp_sink, crypto):
+    with service.engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM ipaas_email_template WHERE change_type = 'update_user'"))
+    signed_post(service.test_client(), crypto, change("update_user"))
+    service.drain()
+    [row] = event_rows(service.engine)
+    assert row.status == "skipped" and "no template for change_type 'update_user'" in row.reason
+    assert smtp_sink.messages == []
+
+
+def test_template_injection_is_a_recorded_render_error_and_the_worker_lives_on(service, smtp_sink, crypto):
+    with service.engine.begin() as conn:
+        conn.execute(sa.text("UPDATE ipaas_email_template SET email_body = :b WHERE change_type = 'create_user'"),
+                     {"b": "{userid.__class__.__mro__}"})
+    client = service.test_client()
+    signed_post(client, crypto, change("create_user"))
+    signed_post(client, crypto, change("update_user"))
+    worker = service.drain()
+    rows = event_rows(service.engine)
+    assert rows[0].status == "failed" and "template error" in rows[0].reason and "userid.__class__" in rows[0].reason
+    assert rows[1].status == "done"
+    assert len(smtp_sink.messages) == 5 and not worker.stop.is_set()
+
+
+def test_name_with_crlf_adds_no_header(service, standin, smtp_sink, crypto):
+    evil = {"userid": "mallory", "name": "Mallory\r\nBcc: victim@evil.example", "department": [DEPARTMENT],
+            "email": "mallory@corp.example"}
+    standin.set_members(DEPARTMENT, [evil])
+    signed_post(service.test_client(), crypto, change("create_user", "mallory"))
+    service.drain()
+    [message] = smtp_sink.messages
+    assert message["Bcc"] is None and message["X-RcptTo"] == "mallory@corp.example"
+
+
+def test_member_without_address_is_skipped_with_the_reason(service, standin, smtp_sink, crypto):
+    standin.set_members(DEPARTMENT, make_members(3, DEPARTMENT) + make_members(1, DEPARTMENT, prefix="noaddr",
+                                                                                 email=False))
+    signed_post(service.test_client(), crypto, change("create_user", "user0001"))
+    service.drain()
+    rows = delivery_rows(service.engine)
+    assert sorted((r.userid, r.status, r.reason) for r in rows) == [
+        ("noaddr0001", "skipped", "no address"), ("user0001", "sent", None), ("user0002", "sent", None),
+        ("user0003", "sent", None)]
+    assert event_rows(service.engine)[0].status == "done"
+
+
+def test_smtp_451_is_retried_and_delivered_once(service, smtp_sink, crypto):
+    smtp_sink.fail_next(1)
+    signed_post(service.test_client(), crypto, change("create_user"))
+    service.drain()  # first round: one 451, then retried after the (short test) backoff
+    wait_until(lambda: service.drain() and len(smtp_sink.messages) == 5, timeout=10)
+    assert sorted(m["X-RcptTo"] for m in smtp_sink.messages) == [f"user{i:04d}@corp.example" for i in range(1, 6)]
+    retried = [r for r in delivery_rows(service.engine) if r.attempts == 2]
+    assert len(retried) == 1 and retried[0].status == "sent"
+
+
+def test_smtp_550_fails_that_recipient_only(service, smtp_sink, crypto):
+    smtp_sink.reject("user0002@corp.example", "550 5.1.1 no such user")
+    signed_post(service.test_client(), crypto, change("create_user"))
+    service.drain()
+    rows = {r.userid: r for r in delivery_rows(service.engine)}
+    assert rows["user0002"].status == "failed" and "550" in rows["user0002"].reason
+    assert [rows[u].status for u in ("user0001", "user0003", "user0004", "user0005")] == ["sent"] * 4
+    assert len(smtp_sink.messages) == 4
+    assert event_rows(service.engine)[0].status == "done"
+
+
+def test_expired_token_is_refreshed_once_and_the_mail_goes_out(service, standin, smtp_sink, crypto):
+    service.drain()
+    standin.expire_tokens()
+    signed_post(service.test_client(), crypto, change("create_user"))
+    service.drain()
+    assert len(smtp_sink.messages) == 5
+
+
+def test_invalid_token_forever_fails_the_event_with_a_clear_reason(service, standin, smtp_sink, crypto):
+    standin.script("user/list", ("forever", {"errcode": 40014, "errmsg": "invalid access_token"}))
+    signed_post(service.test_client(), crypto, change("create_user"))
+    service.drain()
+    [row] = event_rows(service.engine)
+    assert row.status == "failed" and "40014" in row.reason
+    assert standin.calls["user/list"] <= 4 and smtp_sink.messages == []
+
+
+def test_rate_limit_is_retried_later_and_delivered(service, standin, smtp_sink, crypto):
+    service.drain()
+    standin.script("user/list", {"errcode": 45009, "errmsg": "api freq out of limit"})
+    signed_post(service.test_client(), crypto, change("create_user"))
+    service.drain()
+    assert event_rows(service.engine)[0].status == "pending" and "45009" in event_rows(service.engine)[0].reason
+    wait_until(lambda: service.drain() and len(smtp_sink.messages) == 5, timeout=10)
+    assert event_rows(service.engine)[0].status == "done"
+
+
+def test_untrusted_ip_fails_with_the_trusted_ip_hint(service, standin, smtp_sink, crypto):
+    service.drain()
+    standin.script("user/list", {"errcode": 60020, "errmsg": "not allow to access from your ip"})
+    signed_post(service.test_client(), crypto, change("create_user"))
+    service.drain()
+    [row] = event_rows(service.engine)
+    assert row.status == "failed" and "60020" in row.reason and "可信IP" in row.reason
+    assert smtp_sink.messages == []
