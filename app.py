@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from typing import Mapping
 
 from flask import Flask, Response, current_app, request
 
 import config
 import logs
+import metrics
 import outbox
 import wecom
 
@@ -41,6 +43,7 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     app.add_url_rule(settings.callback_path, "callback", callback, methods=["GET", "POST"])
     app.add_url_rule("/healthz", "healthz", lambda: Response("ok\n", mimetype="text/plain"))
     app.add_url_rule("/readyz", "readyz", readyz)
+    app.add_url_rule("/metrics", "metrics", metrics_view)
 
     import cli
     cli.init_app(app)
@@ -60,7 +63,7 @@ def start_worker(app: Flask):
     """Start one delivery thread in this process."""
     import worker as delivery
     worker = delivery.Worker(app.config["SETTINGS"], app.extensions["engine"], template_engine(app),
-                             wecom_client(app))
+                             wecom_client(app), metrics.Recorder())
     app.extensions["worker"] = worker
     delivery.start_in_background(worker)
     return worker
@@ -75,7 +78,8 @@ def template_engine(app: Flask):
 
 def wecom_client(app: Flask):
     settings = app.config["SETTINGS"]
-    return wecom.WeComClient(settings, outbox.TokenStore(app.extensions["engine"]))
+    return wecom.WeComClient(settings, outbox.TokenStore(app.extensions["engine"]),
+                             observe=metrics.Recorder.wecom_call)
 
 
 def _plain(text: str, status: int = 200) -> Response:
@@ -84,33 +88,41 @@ def _plain(text: str, status: int = 200) -> Response:
 
 def callback():
     """WeCom's URL check (GET) and contact events (POST): verify, decrypt, record, answer at once."""
+    started = time.perf_counter()
+    response, outcome, reason = _callback()
+    metrics.callback(outcome, reason, time.perf_counter() - started)
+    return response
+
+
+def _callback() -> tuple[Response, str, str]:
     settings = current_app.config["SETTINGS"]
     crypto = current_app.extensions["crypto"]
     args = request.args
     try:
         if request.method == "GET":
             params = _require(args, "msg_signature", "timestamp", "nonce", "echostr")
-            return _plain(crypto.verify_url(*params))
+            return _plain(crypto.verify_url(*params)), "verified", ""
         msg_signature, timestamp, nonce = _require(args, "msg_signature", "timestamp", "nonce")
         body = _read_body(settings.callback_max_body)
         xml = crypto.open_envelope(body, msg_signature, timestamp, nonce)
         change = wecom.parse_event(xml)
     except wecom.CallbackRejected as exc:
         log.warning("callback refused (%s) from %s: %s", exc.status, request.remote_addr, exc.reason)
-        return _plain(exc.reason + "\n", exc.status)
+        return _plain(exc.reason + "\n", exc.status), "rejected", exc.reason
     status, reason = ("pending", None) if change.is_member_change else (
         "ignored", f"not a member change ({change.msg_type}/{change.event}/{change.change_type})")
     try:
         event_id, created = outbox.record_event(current_app.extensions["engine"], xml, change, status, reason)
     except outbox.StateUnavailable as exc:
         log.error("state database unavailable, answered 503 so WeCom retries: %s", exc)
-        return _plain("state database unavailable\n", 503)
+        return _plain("state database unavailable\n", 503), "unavailable", "state database"
     log.info("event %s %s userid=%s: %s", event_id, change.change_type or change.event, change.user_id,
              ("recorded" if status == "pending" else "ignored") if created else "duplicate, already recorded")
     worker = current_app.extensions.get("worker")
     if created and worker is not None and status == "pending":
         worker.wakeup.set()
-    return _plain("success")
+    outcome = ("recorded" if status == "pending" else "ignored") if created else "duplicate"
+    return _plain("success"), outcome, ""
 
 
 def _require(args, *names: str) -> list[str]:
@@ -128,6 +140,11 @@ def _read_body(limit: int) -> bytes:
     if len(data) > limit:
         raise wecom.CallbackRejected("body too large", 413)
     return data
+
+
+def metrics_view():
+    body, content_type = metrics.exposition(current_app.extensions["engine"])
+    return Response(body, mimetype=content_type.split(";")[0], content_type=content_type)
 
 
 def readyz():

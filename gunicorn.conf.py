@@ -10,6 +10,13 @@ timeout = 30
 graceful_timeout = 30
 accesslog = "-"
 access_log_format = '%(h)s "%(r)s" %(s)s %(b)s %(M)sms'
+# Counters from every worker process add up in /metrics only through prometheus_client's
+# multiprocess mode; it needs the directory before any worker imports the client.
+if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    import tempfile
+
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="wecom-mailer-metrics-")
+
 # The control socket (new in gunicorn 27) lives under ~/.gunicorn: not wanted in a container.
 control_socket_disable = True
 

@@ -1,0 +1,100 @@
+"""Prometheus metrics: counters per process (multiprocess mode under gunicorn), outbox gauges read at scrape time."""
+from __future__ import annotations
+
+import os
+import time
+
+import sqlalchemy as sa
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from sqlalchemy.exc import DBAPIError
+
+import outbox
+
+CALLBACKS = Counter("wecom_mailer_callbacks_total", "Callbacks answered, by outcome and reason",
+                    ["outcome", "reason"])
+ACK_SECONDS = Histogram("wecom_mailer_callback_seconds", "Time to answer a callback",
+                        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+DELIVERIES = Counter("wecom_mailer_deliveries_total", "Delivery attempts by outcome (sent, retry, failed)",
+                     ["outcome"])
+EVENTS = Counter("wecom_mailer_events_finished_total", "Events finished, by final status", ["status"])
+WECOM_CALLS = Counter("wecom_mailer_wecom_api_calls_total", "WeCom API calls by API and errcode",
+                      ["api", "errcode"])
+
+
+class Recorder:
+    """What the worker and the WeCom client report; one per process."""
+
+    @staticmethod
+    def delivery(outcome: str) -> None:
+        DELIVERIES.labels(outcome).inc()
+
+    @staticmethod
+    def event_finished(status: str) -> None:
+        EVENTS.labels(status).inc()
+
+    @staticmethod
+    def wecom_call(api: str, errcode) -> None:
+        WECOM_CALLS.labels(api, str(errcode)).inc()
+
+
+def callback(outcome: str, reason: str, seconds: float) -> None:
+    CALLBACKS.labels(outcome, reason).inc()
+    ACK_SECONDS.observe(seconds)
+
+
+class OutboxCollector:
+    """Events and deliveries by status, queue depth and the age of the oldest open delivery."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def collect(self):
+        up = GaugeMetricFamily("wecom_mailer_state_database_up", "1 when the state database answered the scrape")
+        try:
+            with self.engine.connect() as conn:
+                events = conn.execute(sa.select(outbox.events.c.status, sa.func.count())
+                                      .group_by(outbox.events.c.status)).all()
+                deliveries = conn.execute(sa.select(outbox.deliveries.c.status, sa.func.count())
+                                          .group_by(outbox.deliveries.c.status)).all()
+                oldest = conn.execute(sa.select(sa.func.min(outbox.events.c.received_at))
+                                      .where(outbox.events.c.status.in_(outbox.EVENT_OPEN))).scalar()
+        except DBAPIError:
+            up.add_metric([], 0)
+            yield up
+            return
+        up.add_metric([], 1)
+        yield up
+        for name, rows in (("events", events), ("deliveries", deliveries)):
+            family = GaugeMetricFamily(f"wecom_mailer_{name}", f"{name.capitalize()} in the outbox by status",
+                                       labels=["status"])
+            for status, count in rows:
+                family.add_metric([status], count)
+            yield family
+        depth = sum(count for status, count in deliveries if status in outbox.DELIVERY_OPEN)
+        yield GaugeMetricFamily("wecom_mailer_queue_depth", "Open deliveries (pending or retry)", value=depth)
+        yield GaugeMetricFamily("wecom_mailer_oldest_open_event_seconds",
+                                "Age of the oldest event not yet finished (0 when none)",
+                                value=time.time() - oldest if oldest else 0)
+
+
+def exposition(engine) -> tuple[bytes, str]:
+    """The /metrics body: every process's counters (multiprocess mode) plus the outbox gauges."""
+    registry = CollectorRegistry()
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        from prometheus_client import REGISTRY
+
+        registry = REGISTRY
+    body = generate_latest(registry)
+    body += generate_latest(_outbox_registry(engine))
+    return body, CONTENT_TYPE_LATEST
+
+
+def _outbox_registry(engine) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    registry.register(OutboxCollector(engine))
+    return registry
