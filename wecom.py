@@ -12,10 +12,15 @@ import time
 from dataclasses import dataclass, field
 from xml.etree.ElementTree import Element
 
+import requests
 from defusedxml import DefusedXmlException
 from defusedxml.ElementTree import fromstring as _defused_fromstring
 from wechatpy.crypto.cryptography import WeChatCipher
+from wechatpy.enterprise import WeChatClient
 from wechatpy.enterprise.crypto import WeChatCrypto
+from wechatpy.exceptions import WeChatClientException
+
+from outbox import TokenStore
 
 MEMBER_CHANGES = ("create_user", "update_user", "delete_user")
 _DIGITS = re.compile(r"[0-9]{1,12}")  # ASCII only: str.isdigit() accepts '²', which int() refuses
@@ -214,13 +219,6 @@ class Member:
 
 
 # --- server API client ------------------------------------------------------------------------
-# (WeComClient, WeComError and list_members follow below.)
-
-import requests  # noqa: E402  (imports of the API client section, kept with it)
-from wechatpy.enterprise import WeChatClient  # noqa: E402
-from wechatpy.exceptions import WeChatClientException  # noqa: E402
-
-from outbox import TokenStore  # noqa: E402
 
 TOKEN_REJECTED = (40014, 42001)  # invalid / expired access_token: fetch one and retry, once
 LIST_ID_PAGE = 10000  # user/list_id's largest page
@@ -232,14 +230,14 @@ TRANSIENT = {
     45033: "too many concurrent WeCom API calls",
 }
 PERMANENT = {
-    40001: "WeCom rejected the secret: copy the Secret from 管理工具 > 通讯录同步 again into WECOM_CONTACT_SECRET",
-    40013: "WeCom does not know this corp id: copy 企业ID from 我的企业 > 企业信息 into WECOM_CORP_ID",
+    40001: "the secret is wrong: copy the Secret from 管理工具 > 通讯录同步 again into WECOM_CONTACT_SECRET",
+    40013: "the corp id is unknown: copy 企业ID from 我的企业 > 企业信息 into WECOM_CORP_ID",
     48002: "this secret may not call {api}: use the 通讯录同步 Secret in WECOM_CONTACT_SECRET, "
            "or allow the API for the app in the WeCom admin console",
-    48009: "WeCom refuses {api} with the contact-sync secret from this server's IP",
+    48009: "{api} is refused for the contact-sync secret from this server's IP",
     60011: "the secret has no permission for this department: widen the app's 可见范围 to include "
            "WECOM_DEPARTMENT_ID, or use the 通讯录同步 Secret",
-    60020: "WeCom refused this server's IP: add its public IP to the app's 企业可信IP in the WeCom admin "
+    60020: "this server's IP is not trusted: add its public IP to the app's 企业可信IP in the WeCom admin "
            "console (it takes about a minute to apply)",
     60123: "the department does not exist: check WECOM_DEPARTMENT_ID against 通讯录 > 部门",
 }
@@ -309,7 +307,7 @@ class WeComClient:
                 members = [member for department in wanted for member in listed[department]]
             else:
                 members = [Member(userid, departments=departments) for userid, departments in dept_users.items()
-                           if set(departments) & set(wanted)]
+                           if not set(wanted).isdisjoint(departments)]
             result[watched] = _unique(members)
         return result
 
@@ -403,7 +401,7 @@ class WeComClient:
             return self._failed(api, errcode, f"{TRANSIENT[errcode]} {said}; will retry", errcode)
         if errcode in TOKEN_REJECTED:  # not final: _call refreshes the token once
             return self._failed(api, errcode, f"WeCom rejected the access token {said}", errcode)
-        advice = PERMANENT.get(errcode, "WeCom refused the call; look the errcode up in WeCom's error list")
+        advice = PERMANENT.get(errcode, "the call was refused; look the errcode up in WeCom's error list")
         return self._failed(api, errcode, f"WeCom {api}: {advice.format(api=api)} {said}", errcode, True)
 
     def _mask(self, text: str, token: str | None) -> str:
