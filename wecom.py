@@ -278,6 +278,9 @@ class WeComClient:
         self._secret = settings.contact_secret
         self._key = TokenStore.key_for(settings.corp_id, settings.contact_secret)
         self._wechat = _WeChatClient(settings.corp_id, settings.contact_secret, settings.api_base, timeout)
+        # watched department → the department ids its last listing covered (itself and, with fetch_child,
+        # its descendants): the scope check matches an event's Department list against these.
+        self.covered: dict[int, tuple[int, ...]] = {}
 
     def close(self) -> None:
         """Close the pooled HTTP connections."""
@@ -294,6 +297,7 @@ class WeComClient:
         result = {}
         for watched in department_ids:
             wanted = self._subtree(watched) if fetch_child else (watched,)
+            self.covered[watched] = wanted
             if dept_users is None:
                 try:
                     for department in wanted:

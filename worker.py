@@ -88,7 +88,8 @@ class Worker:
 
     def refresh_snapshots(self, members_by_department) -> None:
         for department_id, members in members_by_department.items():
-            outbox.save_snapshot(self.engine, department_id, members, {department_id})
+            covered = self.client.covered.get(department_id, (department_id,))
+            outbox.save_snapshot(self.engine, department_id, members, covered)
 
     # -- expansion: from an event to delivery rows ---------------------------------------------
 

@@ -205,3 +205,13 @@ def test_untrusted_ip_fails_with_the_trusted_ip_hint(service, standin, smtp_sink
     [row] = event_rows(service.engine)
     assert row.status == "failed" and "60020" in row.reason and "可信IP" in row.reason
     assert smtp_sink.messages == []
+
+
+def test_fetch_child_covers_a_new_member_of_a_sub_department(service, standin, smtp_sink, crypto):
+    standin.children = {DEPARTMENT: [21]}
+    standin.set_members(21, [{"userid": "child1", "name": "子部门", "department": [21], "email": "child1@corp.example"}])
+    worker = service.make_worker(fetch_child=True)
+    service.drain(worker)  # snapshot covers department 2 and its sub-department 21
+    signed_post(service.test_client(), crypto, change("create_user", "child1", departments="21"))
+    service.drain(worker)
+    assert len(smtp_sink.messages) == 6 and "child1@corp.example" in {m["X-RcptTo"] for m in smtp_sink.messages}
