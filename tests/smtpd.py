@@ -1,0 +1,155 @@
+"""A real SMTP server on 127.0.0.1 for tests (aiosmtpd), with rejections and outages on demand."""
+from __future__ import annotations
+
+import socket
+import ssl
+import threading
+import weakref
+from email import policy
+from email.message import EmailMessage
+from email.parser import BytesParser
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import AuthResult, LoginPassword
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class SmtpSink:
+    """An SMTP server keeping what it accepts in `.messages`, the envelope as X-Peer/X-MailFrom/X-RcptTo."""
+
+    def __init__(self, *, tls_context: ssl.SSLContext | None = None,
+                 starttls_context: ssl.SSLContext | None = None, require_starttls: bool = False,
+                 auth: dict[str, str] | None = None):
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.tls_context = tls_context
+        self.starttls_context = starttls_context
+        self.require_starttls = require_starttls
+        self.users = dict(auth or {})
+        self.connections = 0          # connections that said EHLO/HELO (a STARTTLS upgrade is not a new one)
+        self._messages: list[EmailMessage] = []
+        self._rejected: dict[str, str] = {}
+        self._failures: list[str] = []
+        self._greeted: weakref.WeakSet = weakref.WeakSet()
+        self._changed = threading.Condition()
+        self._controller: Controller | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> "SmtpSink":
+        """Listen on self.port (the same port after a restart)."""
+        self._controller = Controller(
+            self, hostname=self.host, port=self.port,
+            ssl_context=self.tls_context,                 # implicit TLS, as on port 465
+            tls_context=self.starttls_context,            # STARTTLS offered, as on port 587
+            require_starttls=bool(self.starttls_context and self.require_starttls),
+            authenticator=self._authenticate if self.users else None,
+            # aiosmtpd counts only STARTTLS as encryption, so over implicit TLS it would refuse
+            # AUTH with 538 unless told not to require TLS; plain connections may log in too.
+            auth_require_tls=self.starttls_context is not None,
+            # Without a name aiosmtpd calls socket.getfqdn() for every connection (a DNS lookup).
+            server_hostname="smtp-sink.test",
+        )
+        self._controller.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop listening and drop every open connection, as a crashed server would."""
+        if self._controller is None:
+            return
+        # Controller.stop cancels each connection's task, and aiosmtpd closes the socket then.
+        controller, self._controller = self._controller, None
+        controller.stop()
+
+    def restart(self) -> None:
+        """Stop, then listen again on the same port (an outage)."""
+        self.stop()
+        self.start()
+
+    def __enter__(self) -> "SmtpSink":
+        return self.start()
+
+    def __exit__(self, *exc_info) -> None:
+        self.stop()
+
+    # -- what tests ask for ------------------------------------------------------------
+
+    @property
+    def messages(self) -> list[EmailMessage]:
+        with self._changed:
+            return list(self._messages)
+
+    def wait_for(self, count: int, timeout: float = 10) -> bool:
+        """Wait until at least `count` messages have arrived; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: len(self._messages) >= count, timeout)
+
+    def reject(self, address: str, reply: str = "550 5.1.1 no such user") -> None:
+        """Answer RCPT TO:<address> with `reply` from now on."""
+        with self._changed:
+            self._rejected[address.lower()] = reply
+
+    def fail_next(self, n: int, reply: str = "451 4.3.0 try again later") -> None:
+        """Answer the next `n` DATA commands with `reply` (the message is not kept)."""
+        with self._changed:
+            self._failures = [reply] * n
+
+    # -- aiosmtpd hooks, run on the server's event loop thread -------------------------
+    # aiosmtpd takes every handle_* attribute of the handler for a hook and every auth_* one
+    # for an AUTH mechanism, so nothing else here may be named that way.
+
+    def _greet(self, server) -> None:
+        with self._changed:
+            if server not in self._greeted:
+                self._greeted.add(server)
+                self.connections += 1
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        self._greet(server)
+        session.host_name = hostname
+        return responses
+
+    async def handle_HELO(self, server, session, envelope, hostname):
+        self._greet(server)
+        session.host_name = hostname
+        return f"250 {server.hostname}"
+
+    async def handle_MAIL(self, server, session, envelope, address, mail_options):
+        if self.users and not session.authenticated:
+            return "530 5.7.0 Authentication required"
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        with self._changed:
+            reply = self._rejected.get(address.lower())
+        if reply:
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        with self._changed:
+            if self._failures:
+                return self._failures.pop()
+        message = BytesParser(policy=policy.default).parsebytes(envelope.original_content)
+        message["X-Peer"] = f"{session.peer[0]}:{session.peer[1]}"
+        message["X-MailFrom"] = envelope.mail_from
+        message["X-RcptTo"] = ", ".join(envelope.rcpt_tos)
+        with self._changed:
+            self._messages.append(message)
+            self._changed.notify_all()
+        return "250 2.0.0 OK: queued"
+
+    def _authenticate(self, server, session, envelope, mechanism, auth_data):
+        ok = (isinstance(auth_data, LoginPassword)
+              and self.users.get(auth_data.login.decode()) == auth_data.password.decode())
+        return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
