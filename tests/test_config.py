@@ -114,3 +114,16 @@ def test_gunicorn_stops_with_one_line(tmp_path):
     assert "WECOM_CALLBACK_AES_KEY must be 43 characters (got 5)" in result.stderr
     assert "Traceback" not in result.stderr
     assert TEST_SECRET not in result.stderr + result.stdout
+
+
+def test_example_env_lists_every_variable_and_is_valid():
+    from dotenv import dotenv_values
+
+    example = dotenv_values(ROOT / "config.example.env")
+    design = (ROOT.parent / "shared" / "DESIGN.md").read_text()
+    import re
+
+    documented = set(re.findall(r"^\| `([A-Z_]+)`(?:, `([A-Z_]+)`)?(?: / `([A-Z_]+)`)?", design, re.M))
+    names = {n for row in documented for n in row if n}
+    assert names and names <= set(example), f"missing from config.example.env: {names - set(example)}"
+    assert config.from_env({k: v for k, v in example.items() if v})
