@@ -119,9 +119,13 @@ def test_gunicorn_stops_with_one_line(tmp_path):
 def test_example_env_lists_every_variable_and_is_valid():
     from dotenv import dotenv_values
 
-    example = dotenv_values(ROOT / "config.example.env")
-    design = (ROOT.parent / "shared" / "DESIGN.md").read_text()
     import re
+
+    example = dotenv_values(ROOT / "config.example.env")
+    design_path = ROOT.parent / "shared" / "DESIGN.md"
+    if not design_path.exists():
+        pytest.skip("../shared/DESIGN.md is not beside this checkout")
+    design = design_path.read_text()
 
     documented = set(re.findall(r"^\| `([A-Z_]+)`(?:, `([A-Z_]+)`)?(?: / `([A-Z_]+)`)?", design, re.M))
     names = {n for row in documented for n in row if n}
