@@ -19,7 +19,7 @@ $(VENV)/.dev: requirements-dev.txt requirements.txt | $(VENV)/.runtime
 	@touch $@
 
 demo: $(VENV)/.runtime  ## run the whole scenario on embedded defaults and show the emails
-	$(BIN)/python demo.py
+	$(BIN)/flask --app app demo
 
 test: $(VENV)/.dev  ## run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -24,6 +24,8 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     try:
         settings = config.from_env(env)
     except config.ConfigError as exc:
+        if _running_cli_command() and sys.argv[-1:] == ["demo"]:
+            return _demo_app()  # the demo brings its own embedded configuration
         print(f"wecom-mailer: configuration error: {exc}", file=sys.stderr)
         # Exit code 4 is gunicorn's "app failed to load": the arbiter stops instead of respawning.
         raise SystemExit(4) from None
@@ -50,6 +52,15 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     app.extensions["worker"] = None
     if settings.worker_in_web and not _running_cli_command():
         start_worker(app)
+    return app
+
+
+def _demo_app() -> Flask:
+    """An app that only knows `flask demo`, for a machine with no configuration yet."""
+    import cli
+
+    app = Flask(__name__)
+    app.cli.add_command(cli.demo)
     return app
 
 

@@ -47,6 +47,10 @@ def demo_env(api_base: str, port: int, corp_id: str, secret: str) -> dict[str, s
         "WECOM_DEPARTMENT_ID": str(DEPARTMENT),
         "WECOM_API_BASE": api_base,
         "DATABASE_URL": f"sqlite:///{DEMO_DIR / 'state.db'}",
+        # Set, even when empty, so that a .env in the working directory cannot leak into the demo.
+        "TEMPLATE_DATABASE_URL": f"sqlite:///{DEMO_DIR / 'state.db'}",
+        "TEMPLATE_TABLE": "", "TEMPLATE_APP": "", "NOTIFY_SCOPE": "", "EMAIL_SOURCES": "", "EMAIL_PATTERN": "",
+        "WECOM_FETCH_CHILD": "", "ADMIN_TOKEN": "", "CALLBACK_PATH": "", "WORKER_IN_WEB": "true",
         "MAIL_BACKEND": "file",
         "MAIL_FILE_DIR": str(DEMO_DIR / "outbox"),
         "MAIL_FROM": "IT 部 <it@corp.example>",
