@@ -1,13 +1,13 @@
 """`flask --app app …` commands: init-db, worker, simulate, check, status, retry, import-addresses, demo."""
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import time
 from urllib.parse import urlencode
 
 import click
-import sqlalchemy as sa
 from flask import current_app
 from flask.cli import with_appcontext
 
@@ -56,7 +56,9 @@ def worker_command() -> None:
     worker = start_worker(current_app._get_current_object())
 
     def stop(signum, _frame):
-        click.echo(f"received signal {signum}: finishing the message in flight", err=True)
+        # Logged, not echoed: with LOG_FORMAT=json every line of a worker is a JSON object.
+        logging.getLogger("wecom_mailer.worker").info("received signal %s: finishing the message in flight",
+                                                      signal.Signals(signum).name)
         worker.stop.set()
         worker.wakeup.set()
 
@@ -83,6 +85,9 @@ def simulate(url: str, change_type: str, user_id: str, department: str | None, n
     """Send a correctly encrypted and signed callback to URL, as WeCom would; print the answer."""
     import requests
 
+    if not url.lower().startswith(("http://", "https://")):
+        raise click.BadParameter(f"{url!r} is not an http:// or https:// URL, "
+                                 "e.g. https://mail.corp.example/wecom/callback", param_hint="--url")
     settings = _settings()
     crypto = current_app.extensions["crypto"]
     try:
@@ -99,12 +104,16 @@ def simulate(url: str, change_type: str, user_id: str, department: str | None, n
             response = requests.post(f"{url}?{urlencode(packet['query'])}", data=packet["body"], timeout=10,
                                      headers={"Content-Type": "text/xml"})
             ok = response.status_code == 200 and response.text.strip() == "success"
+    except requests.exceptions.SSLError as exc:  # before ConnectionError, its base class
+        reason = getattr(exc.args[0], "reason", None) if exc.args else None
+        raise click.ClickException(f"TLS with {url} failed ({reason or exc.__class__.__name__}): WeCom needs a "
+                                   "certificate from a public CA that names this host")
     except requests.ConnectionError:
         raise click.ClickException(f"cannot connect to {url}: is the service running and the URL right?")
     except requests.Timeout:
         raise click.ClickException(f"{url} did not answer within 10 s (WeCom waits only 5 s)")
-    except requests.RequestException as exc:
-        raise click.ClickException(f"request to {url} failed: {exc.__class__.__name__}")
+    except requests.RequestException as exc:  # e.g. no http:// or https:// in front
+        raise click.ClickException(f"request to {url} failed: {exc}"[:300])
     what = "URL check" if verify else f"{change_type} userid={user_id}"
     click.echo(f"{what} → HTTP {response.status_code}: {response.text.strip()[:200]}")
     if not ok:
@@ -175,8 +184,3 @@ def demo() -> None:
     import demo as demo_module
 
     sys.exit(demo_module.main())
-
-
-def count_rows(engine, table) -> int:
-    with engine.connect() as conn:
-        return conn.execute(sa.select(sa.func.count()).select_from(table)).scalar_one()

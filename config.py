@@ -5,7 +5,7 @@ import base64
 import binascii
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -298,7 +298,3 @@ def mask(text: str, settings: Settings | None) -> str:
     for secret in sorted(settings.secrets(), key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
-
-
-def field_names() -> list[str]:
-    return [f.name for f in fields(Settings)]
