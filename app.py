@@ -49,6 +49,8 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
 
     import cli
     cli.init_app(app)
+    import admin
+    admin.init_app(app)
     app.extensions["worker"] = None
     if settings.worker_in_web and not _running_cli_command():
         start_worker(app)

@@ -5,19 +5,23 @@ import time
 
 import sqlalchemy as sa
 
-from outbox import DELIVERY_OPEN, deliveries, events, with_retries
+from outbox import DELIVERY_OPEN, address_book, deliveries, events, with_retries
 
 
 def _when(epoch: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
 
 
-def recent_events(engine, limit: int = 20, status: str | None = None) -> list[dict]:
-    """The newest events, each with its delivery counts by status."""
+def recent_events(engine, limit: int = 20, status: str | None = None,
+                  delivery_status: str | None = None) -> list[dict]:
+    """The newest events (optionally: with a delivery in `delivery_status`), each with delivery counts by status."""
     query = sa.select(events.c.id, events.c.change_type, events.c.user_id, events.c.status, events.c.reason,
                       events.c.received_at, events.c.attempts, events.c.next_attempt_at)
     if status:
         query = query.where(events.c.status == status)
+    if delivery_status:
+        query = query.where(sa.exists().where(deliveries.c.event_id == events.c.id,
+                                              deliveries.c.status == delivery_status))
     with engine.connect() as conn:
         rows = [dict(r._mapping) for r in conn.execute(query.order_by(events.c.id.desc()).limit(limit))]
         ids = [r["id"] for r in rows]
@@ -39,6 +43,44 @@ def event_deliveries(engine, event_id: int, status: str | None = None) -> list[d
         query = query.where(deliveries.c.status == status)
     with engine.connect() as conn:
         return [dict(r._mapping) for r in conn.execute(query.order_by(deliveries.c.id))]
+
+
+def event_detail(engine, event_id: int) -> dict | None:
+    """One event's row without its XML, or None."""
+    query = sa.select(*(c for c in events.c if c.name not in ("xml", "dedup_key"))).where(events.c.id == event_id)
+    with engine.connect() as conn:
+        row = conn.execute(query).first()
+    return None if row is None else dict(row._mapping)
+
+
+def status_totals(engine) -> tuple[dict[str, int], dict[str, int]]:
+    """(events by status, deliveries by status) over the whole outbox."""
+    with engine.connect() as conn:
+        by_event = dict(conn.execute(sa.select(events.c.status, sa.func.count()).group_by(events.c.status)).all())
+        by_delivery = dict(conn.execute(sa.select(deliveries.c.status, sa.func.count())
+                                        .group_by(deliveries.c.status)).all())
+    return by_event, by_delivery
+
+
+def template_rows(engine, table: str, app: str) -> list[dict]:
+    """Every template row of `app` in the original table, by change type (only reads)."""
+    t = sa.table(table, sa.column("app"), sa.column("change_type"), sa.column("email_title"),
+                 sa.column("email_body"))
+    query = (sa.select(t.c.change_type, t.c.email_title, t.c.email_body)
+             .where(t.c.app == app).order_by(t.c.change_type))
+    with engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(query)]
+
+
+def address_book_rows(engine, search: str = "", limit: int = 200) -> tuple[list[dict], int]:
+    """Address-book rows whose userid contains `search` (stored lower case), and how many match in all."""
+    where = []
+    if search.strip():
+        where.append(address_book.c.userid.contains(search.strip().lower(), autoescape=True))  # % and _ literal
+    with engine.connect() as conn:
+        total = conn.execute(sa.select(sa.func.count()).select_from(address_book).where(*where)).scalar_one()
+        rows = conn.execute(sa.select(address_book).where(*where).order_by(address_book.c.userid).limit(limit))
+        return [dict(r._mapping) for r in rows], total
 
 
 def status_lines(engine, event_id: int | None = None, limit: int = 20) -> list[str]:
