@@ -21,13 +21,30 @@ def run_all(app) -> list[tuple[bool, str]]:
     engine = app.extensions["engine"]
     results = [state_database(engine, settings), template_rows(template_engine(app), settings)]
     state_ok = results[0][0]
-    client = wecom_client(app)
+    # The access token is shared through the state database; without it, WeCom is still worth trying.
+    client = wecom_client(app) if state_ok else wecom.WeComClient(settings, _TokensInMemory())
     token_ok, line = wecom_token(client)
     results.append((token_ok, line))
     if token_ok:
         results.extend(departments(client, settings, engine if state_ok else None))
+    else:
+        results.extend((False, f"WeCom department {d}: not checked (needs a working gettoken)")
+                       for d in settings.department_ids)
     results.append(smtp(settings))
     return [(ok, config.mask(line, settings)) for ok, line in results]
+
+
+class _TokensInMemory:
+    """An access-token store for this one run, when the state database does not answer."""
+
+    def __init__(self):
+        self.tokens: dict[str, tuple[str, float]] = {}
+
+    def get(self, key: str) -> tuple[str, float] | None:
+        return self.tokens.get(key)
+
+    def put(self, key: str, token: str, expires_at: float) -> None:
+        self.tokens[key] = (token, expires_at)
 
 
 def _url(url: str) -> str:
@@ -48,6 +65,10 @@ def state_database(engine, settings) -> tuple[bool, str]:
 def template_rows(engine, settings) -> tuple[bool, str]:
     where = f"{settings.template_table} (app {settings.template_app!r}) in {_url(settings.template_database_url)}"
     try:
+        if not sa.inspect(engine).has_table(settings.template_table):
+            return False, (f"templates {where}: the table does not exist — check TEMPLATE_DATABASE_URL / "
+                           "TEMPLATE_TABLE, or run `flask --app app init-db --seed-templates` to create it "
+                           "with the original three rows")
         missing = [t for t in MEMBER_CHANGES
                    if templates_repo.load_template(engine, settings.template_table, settings.template_app, t) is None]
     except DBAPIError as exc:
@@ -63,7 +84,7 @@ def wecom_token(client) -> tuple[bool, str]:
     try:
         client.check_token()
     except wecom.WeComError as exc:
-        return False, f"WeCom gettoken: {exc}"
+        return False, str(exc)  # it names gettoken and the fix already
     return True, "WeCom gettoken: access token obtained"
 
 
@@ -78,7 +99,7 @@ def departments(client, settings, engine) -> list[tuple[bool, str]]:
             continue
         line = f"WeCom department {department_id}: {len(members)} member(s)"
         if engine is None:
-            results.append((True, line))
+            results.append((True, f"{line} (addresses not checked: the state database holds the address book)"))
             continue
         resolved = addressbook.resolve(settings, engine, members)
         without = [m.userid for m, address in resolved if not address]
@@ -96,6 +117,6 @@ def smtp(settings) -> tuple[bool, str]:
     if settings.mail_backend != "smtp":
         return True, f"mail: MAIL_BACKEND={settings.mail_backend} (nothing is sent over SMTP)"
     try:
-        return True, "SMTP: " + mailer.check_smtp(settings)
+        return True, mailer.check_smtp(settings)
     except mailer.MailError as exc:
-        return False, f"SMTP {settings.smtp_host}:{settings.smtp_port} ({settings.smtp_security}): {exc}"
+        return False, str(exc)  # it names the server and the fix already

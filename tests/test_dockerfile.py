@@ -1,0 +1,406 @@
+"""The Dockerfile, without Docker: parse it, then run its install and start steps for real.
+
+No Docker engine runs on these machines. The slow test below does what a build and a `docker run`
+would: the build stage's RUN steps in a fresh virtual environment, exactly the files the final stage
+COPYs into an empty app directory, the CMD with the image's ENV, then the HEALTHCHECK command.
+"""
+from __future__ import annotations
+
+import ast
+import fnmatch
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, base_env, free_port
+
+DOCKERFILE = ROOT / "Dockerfile"
+
+
+# --- a small Dockerfile reader ----------------------------------------------------------------------
+
+@dataclass
+class Instruction:
+    keyword: str
+    args: str
+
+    def exec_form(self) -> list[str]:
+        """["a", "b"] for the JSON form, the shell form wrapped as Docker does."""
+        text = self.args.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return ["/bin/sh", "-c", text]
+
+
+@dataclass
+class Stage:
+    base: str
+    name: str | None
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [i for i in self.instructions if i.keyword == keyword]
+
+    def env(self) -> dict[str, str]:
+        """Every ENV of the stage, `$NAME` references left as written."""
+        values: dict[str, str] = {}
+        for instruction in self.all("ENV"):
+            for word in shlex.split(instruction.args):
+                name, _, value = word.partition("=")
+                values[name] = value
+        return values
+
+    def workdir(self) -> str:
+        dirs = [i.args.strip() for i in self.all("WORKDIR")]
+        return dirs[-1] if dirs else "/"
+
+
+def parse_dockerfile(text: str) -> list[Stage]:
+    """Stages with their instructions; comments dropped, continuation lines joined."""
+    logical, current = [], ""
+    for line in text.splitlines():
+        stripped = line.strip()
+        if not current and (not stripped or stripped.startswith("#")):
+            continue
+        if current and stripped.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if stripped.endswith("\\"):
+            current += stripped[:-1] + " "
+            continue
+        logical.append(current + stripped)
+        current = ""
+    stages: list[Stage] = []
+    for line in logical:
+        keyword, _, args = line.partition(" ")
+        keyword = keyword.upper()
+        if keyword == "FROM":
+            words = args.split()
+            name = words[2] if len(words) == 3 and words[1].upper() == "AS" else None
+            stages.append(Stage(words[0], name))
+        else:
+            assert stages, f"{keyword} before the first FROM"
+            stages[-1].instructions.append(Instruction(keyword, args.strip()))
+    return stages
+
+
+def copy_args(instruction: Instruction) -> tuple[dict[str, str], list[str], str]:
+    """(--flags, sources, destination) of a COPY."""
+    words = instruction.args.split()
+    flags = dict(w[2:].partition("=")[::2] for w in words if w.startswith("--"))
+    paths = [w for w in words if not w.startswith("--")]
+    return flags, paths[:-1], paths[-1]
+
+
+def healthcheck_command(stage: Stage) -> list[str]:
+    (instruction,) = stage.all("HEALTHCHECK")
+    _options, _, command = instruction.args.partition("CMD ")
+    return Instruction("CMD", command).exec_form()
+
+
+def dockerignore_patterns() -> list[str]:
+    path = ROOT / ".dockerignore"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+
+
+def ignored(relative: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent directories decides."""
+    parts = relative.split("/")
+    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    verdict = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        pattern = pattern.removeprefix("!").strip("/")
+        if any(_matches(prefix, pattern) for prefix in prefixes):
+            verdict = not negate
+    return verdict
+
+
+def _matches(path: str, pattern: str) -> bool:
+    """Go's filepath.Match per path segment, with a leading `**/` matching any depth."""
+    if pattern.startswith("**/"):
+        segments = path.split("/")
+        return any(_matches("/".join(segments[i:]), pattern[3:]) for i in range(len(segments)))
+    want, have = pattern.split("/"), path.split("/")
+    return len(want) == len(have) and all(fnmatch.fnmatchcase(h, w) for h, w in zip(have, want))
+
+
+def context_files(source: str) -> list[tuple[Path, str]]:
+    """(file in the build context, its path relative to the source) for one COPY source."""
+    patterns = dockerignore_patterns()
+    matches = sorted(ROOT.glob(source.rstrip("/"))) if any(c in source for c in "*?[") else [ROOT / source]
+    files = []
+    for match in matches:
+        if not match.exists():
+            raise AssertionError(f"COPY {source}: {match.relative_to(ROOT)} does not exist (a build would fail)")
+        if match.is_dir():
+            for path in sorted(p for p in match.rglob("*") if p.is_file()):
+                if not ignored(path.relative_to(ROOT).as_posix(), patterns):
+                    files.append((path, path.relative_to(match).as_posix()))
+        elif ignored(match.relative_to(ROOT).as_posix(), patterns):
+            raise AssertionError(f"COPY {source}: .dockerignore excludes {match.relative_to(ROOT)} "
+                                 "(a build would fail)")
+        else:
+            files.append((match, match.name))
+    return files
+
+
+def copied_into(stage: Stage) -> dict[str, Path]:
+    """Image path → context file, for every COPY of the context (not --from) in the stage."""
+    image: dict[str, Path] = {}
+    workdir = "/"
+    for instruction in stage.instructions:
+        if instruction.keyword == "WORKDIR":
+            workdir = instruction.args.strip()
+        if instruction.keyword not in ("COPY", "ADD"):
+            continue
+        flags, sources, dest = copy_args(instruction)
+        if "from" in flags:
+            continue
+        dest = dest if dest.startswith("/") else f"{workdir.rstrip('/')}/{dest}"
+        for source in sources:
+            for path, relative in context_files(source):
+                if dest.endswith("/"):
+                    target = dest + (relative if (ROOT / source).is_dir() or source.endswith("/") else path.name)
+                else:
+                    target = dest
+                image[os.path.normpath(target)] = path
+    return image
+
+
+def _imports_of(path: Path) -> set[str]:
+    """Top-level names of every import in one file, at module level or inside functions."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(alias.name.split(".")[0] for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def imported_top_level_modules(start: str, available: set[str]) -> set[str]:
+    """The top-level modules of this repository that `start` imports, directly or through each other,
+    at module level or inside functions (cli.py imports its helpers lazily)."""
+    seen: set[str] = set()
+    queue = [start]
+    while queue:
+        name = queue.pop()
+        if name in seen or name not in available:
+            continue
+        seen.add(name)
+        queue.extend(_imports_of(ROOT / f"{name}.py"))
+    return seen
+
+
+def top_level_modules() -> set[str]:
+    return {p.stem for p in ROOT.glob("*.py") if p.name != "gunicorn.conf.py"}
+
+
+def missing_modules(stage: Stage) -> list[str]:
+    """Modules app.py, gunicorn.conf.py or the healthcheck import that the stage does not COPY into its WORKDIR."""
+    workdir = stage.workdir().rstrip("/")
+    copied = {Path(p).name for p in copied_into(stage) if str(Path(p).parent) == workdir}
+    available = top_level_modules()
+    wanted = {"healthcheck"} | imported_top_level_modules("app", available)
+    for name in _imports_of(ROOT / "gunicorn.conf.py"):
+        wanted |= imported_top_level_modules(name, available)
+    return sorted(f"{name}.py" for name in wanted if f"{name}.py" not in copied)
+
+
+@pytest.fixture(scope="module")
+def stages() -> list[Stage]:
+    return parse_dockerfile(DOCKERFILE.read_text(encoding="utf-8"))
+
+
+# --- what the Dockerfile must say ------------------------------------------------------------------
+
+def test_the_image_is_multi_stage_and_runs_gunicorn_as_a_system_user(stages):
+    build, final = stages[0], stages[-1]
+    assert len(stages) >= 2 and build.name, "a named build stage, then the final one"
+    assert all(s.base.startswith("python:3.11-slim") for s in stages)
+    users = final.all("USER")
+    assert users and users[-1].args.split(":")[0] not in ("root", "0"), "the final stage must not run as root"
+    assert any("/opt/venv" in i.args for i in final.all("COPY") if "--from=" + build.name in i.args)
+    assert final.all("CMD")[-1].exec_form() == ["gunicorn", "app:create_app()"]
+    env = final.env()
+    assert env["BIND"] == "0.0.0.0:8000" and env["PYTHONUNBUFFERED"] == "1"
+    assert env["PROMETHEUS_MULTIPROC_DIR"] == "/tmp/metrics"
+    assert env["PATH"].startswith("/opt/venv/bin:")
+    assert "8000" in [i.args for i in final.all("EXPOSE")]
+    # The user is created without a login shell, and only /app/var (and the metrics dir) are its own.
+    run = " ".join(i.args for i in final.all("RUN"))
+    assert "--system" in run and "nologin" in run and "chown wecom:wecom /app/var" in run
+
+
+def test_the_healthcheck_is_the_stdlib_probe_of_healthz(stages):
+    final = stages[-1]
+    command = healthcheck_command(final)
+    assert command[0] == "python" and command[1].endswith("/healthcheck.py")
+    (instruction,) = final.all("HEALTHCHECK")
+    assert "--timeout=" in instruction.args
+    probe = (ROOT / "healthcheck.py").read_text(encoding="utf-8")
+    imports = {n.names[0].name.split(".")[0] for n in ast.walk(ast.parse(probe)) if isinstance(n, ast.Import)}
+    assert imports <= set(sys.stdlib_module_names), f"healthcheck.py must use the stdlib only: {imports}"
+    assert "timeout=3" in probe and "/healthz" in probe
+
+
+def test_every_module_app_py_imports_is_copied(stages):
+    final = stages[-1]
+    missing = missing_modules(final)
+    assert not missing, (f"the service imports {', '.join(missing)} but the Dockerfile does not COPY "
+                         f"{'it' if len(missing) == 1 else 'them'}: add to the COPY list of the final stage")
+    copied = {Path(p).name for p in copied_into(final)}
+    assert "gunicorn.conf.py" in copied, "gunicorn reads gunicorn.conf.py from the working directory"
+
+
+def test_a_module_left_out_of_the_copy_list_is_named(stages):
+    """The guard above works: drop outbox.py from the COPY line and it is reported."""
+    text = DOCKERFILE.read_text(encoding="utf-8").replace(" outbox.py", "", 1)
+    assert missing_modules(parse_dockerfile(text)[-1]) == ["outbox.py"]
+
+
+def test_dockerignore_keeps_secrets_and_local_state_out_of_the_context():
+    patterns = dockerignore_patterns()
+    for path in (".env", ".venv/bin/python", "var/wecom-mailer.db", "tests/test_cli.py", ".git/HEAD",
+                 "bench/run.py", "__pycache__/app.cpython-311.pyc"):
+        assert ignored(path, patterns), f"{path} would be sent to the Docker build context"
+    for path in ("app.py", "requirements.txt", "gunicorn.conf.py", "templates/admin/base.html"):
+        assert not ignored(path, patterns), f"{path} is needed in the image but .dockerignore drops it"
+
+
+def compose_environment() -> dict[str, str]:
+    """The `x-environment` block of docker-compose.yml (flat `NAME: value` lines; no YAML library here)."""
+    lines = (ROOT / "docker-compose.yml").read_text(encoding="utf-8").splitlines()
+    start = lines.index("x-environment: &environment")
+    values = {}
+    for line in lines[start + 1:]:
+        if not line.startswith("  "):
+            break
+        name, _, value = line.strip().partition(": ")
+        values[name] = value.strip().strip('"')
+    return values
+
+
+def test_compose_publishes_on_loopback_only_and_its_environment_is_valid():
+    import config
+
+    text = (ROOT / "docker-compose.yml").read_text(encoding="utf-8")
+    published = [line.strip() for line in text.splitlines() if line.strip().startswith('- "') and ":" in line]
+    assert published and all(p.startswith('- "127.0.0.1:') for p in published), published
+    assert 'test: ["CMD", "healthcheck.sh", "--connect", "--innodb_initialized"]' in text
+    assert text.count("condition: service_healthy") == 3
+    assert 'command: ["flask", "--app", "app", "init-db", "--seed-templates"]' in text
+    assert 'command: ["flask", "--app", "app", "worker"]' in text
+    env = compose_environment()
+    assert env["DATABASE_URL"].startswith("mysql+pymysql://") and "@mariadb:3306/" in env["DATABASE_URL"]
+    assert (env["SMTP_HOST"], env["SMTP_PORT"], env["SMTP_SECURITY"]) == ("mailpit", "1025", "none")
+    settings = config.from_env(base_env(**env))
+    assert settings.smtp_port == 1025 and settings.mail_backend == "smtp"
+
+
+# --- the install and start steps, for real ---------------------------------------------------------
+
+def _on_host(text: str, paths: dict[str, Path]) -> str:
+    """Rewrite image paths (longest first) to their stand-ins on this machine."""
+    for image_path in sorted(paths, key=len, reverse=True):
+        text = text.replace(image_path, str(paths[image_path]))
+    return text
+
+
+def _run_build_stage(stage: Stage, root: Path, paths: dict[str, Path]) -> None:
+    workdir = root / stage.workdir().lstrip("/")
+    workdir.mkdir(parents=True, exist_ok=True)
+    for image_path, source in copied_into(stage).items():
+        target = root / image_path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    # `python` is the base image's interpreter: this one (3.11), wherever it lives here.
+    bin_dir = root / "base-bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    env.pop("VIRTUAL_ENV", None)
+    for run in stage.all("RUN"):
+        command = [_on_host(word, paths) for word in run.exec_form()]
+        result = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, f"RUN {run.args}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+
+
+def _wait_healthy(command: list[str], env: dict, cwd: Path, process: subprocess.Popen, log: Path,
+                  timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the HEALTHCHECK command until it passes, as Docker does during the start period (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=10)
+        if result.returncode == 0 or time.monotonic() > deadline:
+            return result
+        assert process.poll() is None, f"the CMD exited early:\n{log.read_text()[-3000:]}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_the_build_installs_and_the_cmd_starts_healthy(stages, tmp_path):
+    build, final = stages[0], stages[-1]
+    root = tmp_path / "image"
+    # What the final stage takes from the build stage keeps its place: /opt/venv → <root>/opt/venv.
+    artifacts = [copy_args(i)[1] for i in final.all("COPY") if "from" in copy_args(i)[0]]
+    paths = {image: root / image.lstrip("/") for sources in artifacts for image in sources}
+    app_dir = root / final.workdir().lstrip("/")
+    paths[final.workdir()] = app_dir
+    _run_build_stage(build, root, paths)
+    venv = paths["/opt/venv"]
+    assert (venv / "bin" / "gunicorn").exists(), "the build stage left no gunicorn in /opt/venv"
+
+    # The final stage: exactly the files it COPYs, nothing from this checkout besides.
+    for image_path, source in copied_into(final).items():
+        target = root / image_path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target)
+    (app_dir / "var").mkdir(exist_ok=True)
+
+    port = free_port()
+    image_env = {name: _on_host(value.replace("$PATH", os.environ["PATH"]), paths)
+                 for name, value in final.env().items()}
+    image_env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")  # /tmp/metrics is shared here
+    env = {"HOME": str(tmp_path), **image_env, **base_env(DATABASE_URL=f"sqlite:///{tmp_path / 'state.db'}",
+                                                          MAIL_BACKEND="file", WORKER_IN_WEB="true"),
+           "BIND": f"127.0.0.1:{port}", "WEB_CONCURRENCY": "1", "MAIL_FILE_DIR": str(tmp_path / "outbox")}
+    cmd = final.all("CMD")[-1].exec_form()
+    executable = shutil.which(cmd[0], path=env["PATH"])
+    assert executable and executable.startswith(str(venv)), f"{cmd[0]} resolves to {executable}, not the venv's"
+    log = tmp_path / "cmd.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen([executable, *cmd[1:]], cwd=app_dir, env=env, stdout=out,
+                                   stderr=subprocess.STDOUT)
+    try:
+        probe = [_on_host(word, paths) for word in healthcheck_command(final)]
+        probe[0] = shutil.which(probe[0], path=env["PATH"])
+        assert probe[0].startswith(str(venv))
+        result = _wait_healthy(probe, env, app_dir, process, log)
+        assert result.returncode == 0, f"HEALTHCHECK failed: {result.stderr}\n{log.read_text()[-3000:]}"
+
+        # The one-shot of docker-compose.yml runs from the same image.
+        flask = [shutil.which("flask", path=env["PATH"]), "--app", "app", "init-db", "--seed-templates"]
+        seeded = subprocess.run(flask, cwd=app_dir, env=env, capture_output=True, text=True, timeout=60)
+        assert seeded.returncode == 0, seeded.stderr
+        assert "Initialized the state database." in seeded.stdout
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    # Stopped: the probe says unhealthy, quickly.
+    down = subprocess.run(probe, cwd=app_dir, env=env, capture_output=True, text=True, timeout=10)
+    assert down.returncode == 1 and "healthcheck:" in down.stderr
+    assert process.returncode == 0, log.read_text()[-3000:]
