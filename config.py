@@ -38,6 +38,7 @@ class Settings:
     email_sources: tuple[str, ...] = EMAIL_SOURCE_NAMES
     email_pattern: str | None = None
     api_base: str = DEFAULT_API_BASE
+    wecom_timeout: float = 15.0
     notify_scope: str = "department"
     database_url: str = "sqlite:///var/wecom-mailer.db"
     template_database_url: str = "sqlite:///var/wecom-mailer.db"
@@ -130,6 +131,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         email_sources=tuple(sources),
         email_pattern=pattern,
         api_base=api_base if api_base.endswith("/") else api_base + "/",
+        wecom_timeout=r.number("WECOM_TIMEOUT_SECONDS", 15.0, 0.1, 600),
         notify_scope=r.choice("NOTIFY_SCOPE", "department", ("department", "corp")),
         database_url=database_url,
         template_database_url=r.url("TEMPLATE_DATABASE_URL", database_url),

@@ -20,6 +20,22 @@ if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
 # The control socket (new in gunicorn 27) lives under ~/.gunicorn: not wanted in a container.
 control_socket_disable = True
 
+if os.environ.get("LOG_FORMAT", "").strip().lower() == "json":
+    from gunicorn.glogging import Logger
+
+    class JsonLogger(Logger):
+        """gunicorn's own lines (start-up, workers, access log) as JSON too, like the service's."""
+
+        def setup(self, cfg):
+            super().setup(cfg)
+            import logs  # gunicorn has put the working directory on sys.path by now
+
+            for log in (self.error_log, self.access_log):
+                for handler in log.handlers:
+                    handler.setFormatter(logs.JsonFormatter())
+
+    logger_class = JsonLogger
+
 
 def on_starting(server):
     """Refuse to start with a broken configuration: one line naming the variable, no traceback."""
@@ -38,6 +54,14 @@ def on_starting(server):
         os.makedirs(multiproc_dir, exist_ok=True)
         for stale in glob.glob(os.path.join(multiproc_dir, "*.db")):
             os.remove(stale)
+
+
+def worker_exit(server, worker):
+    """Stop this web process's delivery thread while Python still runs normally: the message in flight
+    finishes and the event's lease is released (once interpreter shutdown starts, thread pools refuse work)."""
+    delivery = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("worker")
+    if delivery is not None:
+        delivery.shutdown()
 
 
 def child_exit(server, worker):

@@ -15,7 +15,7 @@ from email import policy
 from email.errors import HeaderParseError
 from email.headerregistry import Address
 from email.message import EmailMessage
-from email.utils import format_datetime, make_msgid, parseaddr
+from email.utils import format_datetime, formataddr, make_msgid, parseaddr
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -28,6 +28,8 @@ log = logging.getLogger("wecom_mailer.mailer")
 MAIL_POLICY = policy.SMTP.clone(cte_type="7bit")
 # C0/C1 controls and Unicode line separators: anything that could end a header line.
 CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]+")
+# The everyday shape (zhangsan.1@corp.example): accepted without the email package's parser (~35 µs).
+PLAIN_ADDRESS = re.compile(r"[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+-]+)*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+")
 SENDER_HINT = ("check MAIL_FROM (most providers, QQ Mail too, require the SMTP_USER mailbox), "
                "SMTP_USER and SMTP_SECURITY")
 LOGIN_HINT = ("check SMTP_USER/SMTP_PASSWORD (QQ Mail: use the authorisation code 授权码, "
@@ -66,6 +68,8 @@ def header_text(text: str) -> str:
 
 def address_problem(address: str) -> str | None:
     """Why `address` cannot be a recipient, or None when it can."""
+    if PLAIN_ADDRESS.fullmatch(address):
+        return None
     if not address.isascii():  # smtplib speaks ASCII; SMTPUTF8 is not offered by every provider
         return f"invalid address {address!r}: only ASCII addresses are supported"
     try:
@@ -93,10 +97,44 @@ def build_message(settings: Settings, item: Outgoing) -> EmailMessage:
     return message
 
 
+class _Renderer:
+    """build_message(...).as_bytes() for a batch: what every recipient of one subject and body shares is
+    serialised once, only To, Date and Message-ID per message (the email package takes ~0.7 ms a message)."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.domain = _sender(settings).rpartition("@")[2] or "wecom-mailer.invalid"
+        self._shared: dict[tuple[str, str], bytes] = {}
+
+    def __call__(self, item: Outgoing) -> bytes:
+        shared = self._shared.get((item.subject, item.body))
+        if shared is None:
+            message = build_message(self.settings, item)
+            for name in ("To", "Date", "Message-ID"):
+                del message[name]
+            shared = self._shared[(item.subject, item.body)] = message.as_bytes()
+        return b"".join((self._to(item), b"Date: ", format_datetime(datetime.now(self.settings.tz)).encode(),
+                         b"\r\nMessage-ID: ", make_msgid(domain=self.domain).encode(), b"\r\n", shared))
+
+    def _to(self, item: Outgoing) -> bytes:
+        # formataddr quotes or RFC 2047-encodes the name as the policy would; a long name is folded by it.
+        line = f"To: {formataddr((header_text(item.name), item.address), charset='utf-8')}\r\n"
+        if len(line) <= 78:
+            return line.encode("ascii")
+        message = EmailMessage(policy=MAIL_POLICY)
+        message["To"] = Address(display_name=header_text(item.name), addr_spec=item.address)
+        return message.as_bytes()[:-2]  # the header block without the blank line that ends it
+
+
 def send_all(settings: Settings, items: Iterable[Outgoing],
              on_result: Callable[[Outgoing, SendResult], bool | None],
-             stop: threading.Event | None = None, *, tls_context: ssl.SSLContext | None = None) -> None:
-    """Send every item with MAIL_BACKEND, calling on_result right after each outcome; False from it stops."""
+             stop: threading.Event | None = None, *, tls_context: ssl.SSLContext | None = None,
+             before_content: Callable[[], None] | None = None) -> None:
+    """Send every item with MAIL_BACKEND, calling on_result right after each outcome; False from it stops.
+
+    With SMTP, `before_content` runs in the sending thread once the server has answered DATA, right
+    before the message itself goes out: the last moment to finish what the previous outcome started.
+    """
     stop = stop or threading.Event()
     halt = threading.Event()  # on_result said stop, or a thread failed
     pending, lock = iter(items), threading.Lock()
@@ -105,12 +143,13 @@ def send_all(settings: Settings, items: Iterable[Outgoing],
         with lock:  # one shared iterator: each item goes to exactly one thread
             return None if stop.is_set() or halt.is_set() else next(pending, None)
 
-    def work(send: Callable[[Outgoing, EmailMessage], SendResult], alive: Callable[[], bool]) -> None:
+    def work(send: Callable[[Outgoing, EmailMessage | bytes], SendResult], alive: Callable[[], bool],
+             render: Callable[[Outgoing], EmailMessage | bytes] = lambda item: build_message(settings, item)) -> None:
         try:
             while alive() and (item := next_item()) is not None:
                 problem = address_problem(item.address)
                 result = (SendResult(ok=False, permanent=True, reason=problem) if problem
-                          else send(item, build_message(settings, item)))
+                          else send(item, render(item)))
                 _log_result(item, result)
                 if on_result(item, result) is False:
                     halt.set()
@@ -118,10 +157,12 @@ def send_all(settings: Settings, items: Iterable[Outgoing],
             halt.set()  # the other threads stop too; the error reaches the caller via its future
             raise
 
+    renderer = _Renderer(settings)
+
     def smtp_thread() -> None:
-        connection = _SmtpConnection(settings, tls_context)
+        connection = _SmtpConnection(settings, tls_context, before_content)
         try:
-            work(connection.send, lambda: not connection.broken)
+            work(connection.send, lambda: not connection.broken, renderer)
         finally:
             connection.close(quit=True)
 
@@ -150,13 +191,15 @@ def check_smtp(settings: Settings, *, tls_context: ssl.SSLContext | None = None)
 class _SmtpConnection:
     """One sending thread's SMTP connection: reused for all its messages, reopened once when dropped."""
 
-    def __init__(self, settings: Settings, tls_context: ssl.SSLContext | None):
+    def __init__(self, settings: Settings, tls_context: ssl.SSLContext | None,
+                 before_content: Callable[[], None] | None = None):
         self.settings = settings
         self.tls_context = tls_context
-        self.smtp: smtplib.SMTP | None = None
+        self.before_content = before_content
+        self.smtp: _SMTP | None = None
         self.broken = False  # cannot connect or log in: this thread sends nothing more
 
-    def send(self, item: Outgoing, message: EmailMessage) -> SendResult:
+    def send(self, item: Outgoing, message: bytes) -> SendResult:
         """Send to item.address: 250 → ok, 4xx → transient, 5xx → permanent for this recipient."""
         for retry in (False, True):
             if self.smtp is None:
@@ -165,9 +208,11 @@ class _SmtpConnection:
                 except OSError as exc:  # smtplib.SMTPException is an OSError too
                     self.broken = True
                     return SendResult(ok=False, reason=_connect_failure(self.settings, exc))
+                if self.before_content:
+                    self.smtp.before_content = self.before_content
             try:
                 # On a refusal smtplib sends RSET itself, so the connection stays usable.
-                self.smtp.sendmail(_sender(self.settings), [item.address], message.as_bytes())
+                self.smtp.sendmail(_sender(self.settings), [item.address], message)
                 return SENT
             except smtplib.SMTPRecipientsRefused as exc:
                 code, text = exc.recipients[item.address]
@@ -201,14 +246,36 @@ class _SmtpConnection:
                 smtp.close()
 
 
-def _open(settings: Settings, tls_context: ssl.SSLContext | None) -> smtplib.SMTP:
+class _SMTP(smtplib.SMTP):
+    """smtplib.SMTP calling `before_content` between the server's 354 to DATA and the message itself."""
+
+    @staticmethod
+    def before_content() -> None:
+        pass
+
+    def getreply(self):
+        code, text = super().getreply()
+        if code == 354:
+            try:
+                self.before_content()
+            except BaseException:
+                self.close()  # mid-DATA a QUIT would be read as text; cut off before the final dot, nothing is accepted
+                raise
+        return code, text
+
+
+class _SMTP_SSL(_SMTP, smtplib.SMTP_SSL):
+    pass
+
+
+def _open(settings: Settings, tls_context: ssl.SSLContext | None) -> _SMTP:
     """Connect, secure (SMTP_SECURITY) and log in (when SMTP_USER is set)."""
     context = tls_context or ssl.create_default_context()
     host, port, timeout = settings.smtp_host, settings.smtp_port, settings.smtp_timeout
     if settings.smtp_security == "ssl":
-        smtp = smtplib.SMTP_SSL(host, port, timeout=timeout, context=context)
+        smtp = _SMTP_SSL(host, port, timeout=timeout, context=context)
     else:
-        smtp = smtplib.SMTP(host, port, timeout=timeout)
+        smtp = _SMTP(host, port, timeout=timeout)
     try:
         smtp.ehlo()
         if settings.smtp_security == "starttls":
@@ -292,8 +359,8 @@ def _print_message(item: Outgoing, message: EmailMessage) -> SendResult:
 
 def _log_result(item: Outgoing, result: SendResult) -> None:
     who = f"{header_text(item.name)} <{header_text(item.address)}>"
-    if result.ok:
-        log.info("delivery %d: mailed %s", item.delivery_id, who)
+    if result.ok:  # at INFO the event's summary line counts them; a line per member costs ~45 µs
+        log.debug("delivery %d: mailed %s", item.delivery_id, who)
     else:
         kind = "permanent" if result.permanent else "transient"
         log.warning("delivery %d to %s failed (%s): %s", item.delivery_id, who, kind, result.reason)

@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 import time
+import weakref
 
 import sqlalchemy as sa
 from sqlalchemy import (BigInteger, Column, Double, Index, Integer, MetaData, String, Table, Text,
                         UniqueConstraint)
+from sqlalchemy.dialects.mysql import MEDIUMTEXT
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: wm_events xml/subject/body MEDIUMTEXT on MySQL
 metadata = MetaData()
 
 # Event status: pending (recorded, not yet expanded) → sending (deliveries written) → done;
@@ -20,6 +23,8 @@ EVENT_OPEN = ("pending", "sending")
 DELIVERY_OPEN = ("pending", "retry")
 
 Id = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements only INTEGER keys
+# MySQL's TEXT holds 64 KB; an event's XML (up to CALLBACK_MAX_BODY_BYTES) and its rendered message may not fit.
+LongText = Text().with_variant(MEDIUMTEXT(), "mysql", "mariadb")
 
 events = Table(
     "wm_events", metadata,
@@ -29,11 +34,11 @@ events = Table(
     Column("user_id", String(64), nullable=False, default=""),
     Column("departments", String(255), nullable=False, default=""),
     Column("create_time", BigInteger),
-    Column("xml", Text, nullable=False),
+    Column("xml", LongText, nullable=False),
     Column("status", String(16), nullable=False),
     Column("reason", Text),
-    Column("subject", Text),
-    Column("body", Text),
+    Column("subject", LongText),
+    Column("body", LongText),
     Column("attempts", Integer, nullable=False, default=0),
     Column("received_at", Double, nullable=False),
     Column("first_attempt_at", Double),
@@ -107,15 +112,19 @@ def dedup_key(xml: str) -> str:
     return hashlib.sha256(xml.encode("utf-8")).hexdigest()
 
 
-def make_engine(url: str) -> Engine:
-    """A pooled engine; PyMySQL connects slowly (SSL context per connect), so never connect per request."""
+def make_engine(url: str, autocommit: bool = False) -> Engine:
+    """A pooled engine; PyMySQL connects slowly (SSL context per connect), so never connect per request.
+
+    With `autocommit` every statement commits by itself, and nothing is rolled back on the way back to
+    the pool: a single-statement write is durable in one round trip."""
+    options = {"isolation_level": "AUTOCOMMIT", "skip_autocommit_rollback": True} if autocommit else {}
     if url.startswith("sqlite"):
         from pathlib import Path
 
         path = sa.engine.make_url(url).database
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **options)
 
         @sa.event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):
@@ -124,9 +133,27 @@ def make_engine(url: str) -> Engine:
             dbapi_conn.execute("PRAGMA synchronous=NORMAL")
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True, pool_recycle=3600, pool_size=5, max_overflow=10,
+    # The autocommit engine pings nothing: record_event retries once on a connection found dead instead.
+    return sa.create_engine(url, pool_pre_ping=not autocommit, pool_recycle=3600, pool_size=5, max_overflow=10,
                             connect_args={"connect_timeout": 5, "read_timeout": 30, "write_timeout": 30,
-                                          "charset": "utf8mb4"})
+                                          "charset": "utf8mb4"}, **options)
+
+
+_autocommit_siblings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_siblings_lock = threading.Lock()
+
+
+def autocommit_engine(engine: Engine) -> Engine:
+    """An autocommit engine on the same database as `engine` (its own small pool, disposed with it)."""
+    if engine.url.database in (None, "", ":memory:"):
+        return engine  # a private in-memory database cannot be shared with a second pool
+    with _siblings_lock:
+        sibling = _autocommit_siblings.get(engine)
+        if sibling is None:
+            sibling = make_engine(engine.url.render_as_string(hide_password=False), autocommit=True)
+            _autocommit_siblings[engine] = sibling
+            sa.event.listen(engine, "engine_disposed", lambda _engine: sibling.dispose())
+    return sibling
 
 
 def init_schema(engine: Engine) -> None:
@@ -136,7 +163,41 @@ def init_schema(engine: Engine) -> None:
             conn.execute(sa.schema.CreateTable(table, if_not_exists=True))
             for index in table.indexes:
                 _create_index(conn, index)
+        if conn.dialect.name in ("mysql", "mariadb"):
+            _widen_text_columns(conn)
         conn.execute(insert_ignore(schema_info), {"version": SCHEMA_VERSION, "applied_at": time.time()})
+    _schema_ready.add(engine)
+
+
+def _widen_text_columns(conn) -> None:
+    """Schema 1 kept event XML and messages in TEXT (64 KB, silently cut by INSERT IGNORE): widen them."""
+    narrow = conn.execute(sa.text(
+        "SELECT column_name FROM information_schema.columns WHERE table_schema = DATABASE() "
+        "AND table_name = 'wm_events' AND column_name IN ('xml', 'subject', 'body') AND data_type = 'text'"))
+    for name in narrow.scalars().all():
+        null = "NULL" if events.c[name.lower()].nullable else "NOT NULL"
+        conn.execute(sa.text(f"ALTER TABLE wm_events MODIFY `{name}` MEDIUMTEXT {null}"))
+
+
+_schema_ready: weakref.WeakSet = weakref.WeakSet()  # engines whose tables this process has checked
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Create the tables once per process, also when the database was down at start-up; raises DBAPIError."""
+    if engine in _schema_ready:
+        return
+    try:
+        init_schema(engine)
+    except DBAPIError:
+        try:  # no right to run DDL? Tables that someone else created will do.
+            with engine.connect() as conn:
+                conn.execute(sa.select(schema_info.c.version).limit(1)).first()
+        except DBAPIError:
+            pass
+        else:
+            _schema_ready.add(engine)
+            return
+        raise
 
 
 def _create_index(conn, index: Index) -> None:
@@ -153,8 +214,9 @@ def insert_ignore(table: Table):
 
 
 def ping(engine: Engine) -> bool:
-    """True when the state database answers."""
+    """True when the state database answers (and holds the state tables)."""
     try:
+        ensure_schema(engine)
         with engine.connect() as conn:
             conn.execute(sa.text("SELECT 1"))
         return True
@@ -172,6 +234,9 @@ def is_transient_db_error(exc: BaseException) -> bool:
 
 # --- recording -----------------------------------------------------------------------------
 
+_INSERT_EVENT = events.insert()  # built once: the request path skips constructing it (~20 µs)
+
+
 def record_event(engine: Engine, xml: str, change, status: str, reason: str | None = None) -> tuple[int, bool]:
     """Record a decrypted event once; return (event id, created). Raises StateUnavailable."""
     key = dedup_key(xml)
@@ -181,14 +246,18 @@ def record_event(engine: Engine, xml: str, change, status: str, reason: str | No
            "create_time": change.create_time, "xml": xml, "status": status, "reason": reason,
            "attempts": 0, "received_at": now, "next_attempt_at": 0}
     try:
-        with engine.begin() as conn:
-            result = conn.execute(insert_ignore(events), row)
-            if result.rowcount == 1:
-                return result.inserted_primary_key[0], True
-            existing = conn.execute(sa.select(events.c.id).where(events.c.dedup_key == key)).scalar_one()
-            return existing, False
-    except IntegrityError:
-        with engine.connect() as conn:
+        ensure_schema(engine)
+        # A plain INSERT: MySQL's INSERT IGNORE would also turn "data too long" into a warning and cut the XML.
+        # Autocommitted: recorded for good in one round trip (no ping, no COMMIT, no ROLLBACK to the pool).
+        for attempt in (1, 2):
+            try:
+                with autocommit_engine(engine).connect() as conn:
+                    return conn.execute(_INSERT_EVENT, row).inserted_primary_key[0], True
+            except DBAPIError as exc:  # a pooled connection the server has dropped: once more on a new one
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+    except IntegrityError:  # the dedup key exists: a resend
+        with autocommit_engine(engine).connect() as conn:
             return conn.execute(sa.select(events.c.id).where(events.c.dedup_key == key)).scalar_one(), False
     except DBAPIError as exc:
         raise StateUnavailable(str(exc.orig.__class__.__name__)) from exc
@@ -339,16 +408,82 @@ def mark_delivery(engine: Engine, delivery_id: int, **values) -> None:
     with_retries(write)
 
 
-def postpone_untried(engine: Engine, event_id: int, until: float) -> None:
-    """Deliveries left untried after a connection failure wait with the ones that failed."""
+class DeliveryMarks:
+    """mark_delivery for a sending round: each writing thread keeps a connection of its own, every UPDATE
+    autocommitted, so a mark is durable when mark() returns after one round trip (no pool checkout and
+    ping, no separate COMMIT)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._local = threading.local()
+        self._opened: list = []
+        self._lock = threading.Lock()
+
+    # Built once: the columns set come from the parameters, so per mark only the values change; the
+    # status list is rendered inline (literal_execute), sparing the per-execution expansion of IN.
+    _statement = (deliveries.update()
+                  .where(deliveries.c.id == sa.bindparam("delivery_id"),
+                         deliveries.c.status.in_(sa.bindparam("open_statuses", list(DELIVERY_OPEN),
+                                                              literal_execute=True))))
+
+    def mark(self, delivery_id: int, **values) -> None:
+        """Record one delivery's outcome; only an open row changes (a sent row stays sent)."""
+        self._execute(self._statement, {"delivery_id": delivery_id, **values})
+
+    def _execute(self, statement, parameters: dict) -> None:
+        def write():
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                self._local.conn = conn
+                with self._lock:
+                    self._opened.append(conn)
+            try:
+                conn.execute(statement, parameters)
+            except DBAPIError:
+                self._local.conn = None  # the next try starts from a fresh connection
+                conn.close()
+                raise
+        with_retries(write)
+
+    # Every sent mark alike (attempts and first attempt follow from the row), so any number in one UPDATE.
+    _sent_statement = (deliveries.update()
+                       .where(deliveries.c.id.in_(sa.bindparam("delivery_ids", expanding=True)),
+                              deliveries.c.status.in_(sa.bindparam("open_statuses", list(DELIVERY_OPEN),
+                                                                   literal_execute=True)))
+                       .values(status="sent", sent_at=sa.bindparam("now"), attempts=deliveries.c.attempts + 1,
+                               first_attempt_at=sa.func.coalesce(deliveries.c.first_attempt_at,
+                                                                 sa.bindparam("now")),
+                               reason=None))
+
+    def mark_sent(self, delivery_ids: list[int], now: float) -> None:
+        """Mark deliveries sent in one autocommitted UPDATE (still open ones only)."""
+        self._execute(self._sent_statement, {"delivery_ids": list(delivery_ids), "now": now})
+
+    def close(self) -> None:
+        """Give every thread's connection back to the pool."""
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for conn in opened:
+            conn.close()
+
+
+def postpone_untried(engine: Engine, event_id: int, until: float, give_up_before: float | None = None,
+                     reason: str = "") -> None:
+    """Deliveries left untried after a connection failure wait with the ones that failed. Their RETRY_MAX_HOURS
+    clock starts with this round, and those whose clock started before `give_up_before` fail with `reason`."""
     now = time.time()
+    untried = (deliveries.c.event_id == event_id, deliveries.c.status.in_(DELIVERY_OPEN),
+               deliveries.c.next_attempt_at <= now)
 
     def write():
         with engine.begin() as conn:
-            conn.execute(deliveries.update()
-                         .where(deliveries.c.event_id == event_id, deliveries.c.status.in_(DELIVERY_OPEN),
-                                deliveries.c.next_attempt_at <= now)
-                         .values(next_attempt_at=until))
+            if give_up_before is not None:
+                conn.execute(deliveries.update().where(*untried, deliveries.c.first_attempt_at < give_up_before)
+                             .values(status="failed", reason=reason[:1000]))
+            conn.execute(deliveries.update().where(*untried)
+                         .values(next_attempt_at=until,
+                                 first_attempt_at=sa.func.coalesce(deliveries.c.first_attempt_at, now)))
     with_retries(write)
 
 
@@ -371,8 +506,9 @@ def next_open_delivery_at(engine: Engine, event_id: int) -> float | None:
 
 # --- member snapshots ----------------------------------------------------------------------
 
-def load_snapshots(engine: Engine, department_ids) -> dict[int, tuple[set[int], set[str]]]:
-    """Per watched department that has a snapshot: (covered department ids, member userids)."""
+def load_snapshots(engine: Engine, department_ids, userids=None) -> dict[int, tuple[set[int], set[str]]]:
+    """Per watched department that has a snapshot: (covered department ids, member userids); with
+    `userids`, only those of them that are members (an index lookup, not the whole department)."""
     result: dict[int, tuple[set[int], set[str]]] = {}
     with engine.connect() as conn:
         for row in conn.execute(sa.select(department_snapshots)
@@ -380,8 +516,11 @@ def load_snapshots(engine: Engine, department_ids) -> dict[int, tuple[set[int], 
             covered = {int(d) for d in row.covered.split(",") if d}
             result[row.department_id] = (covered or {row.department_id}, set())
         if result:
-            for dept, userid in conn.execute(sa.select(snapshot_members.c.department_id, snapshot_members.c.userid)
-                                             .where(snapshot_members.c.department_id.in_(list(result)))):
+            query = (sa.select(snapshot_members.c.department_id, snapshot_members.c.userid)
+                     .where(snapshot_members.c.department_id.in_(list(result))))
+            if userids is not None:
+                query = query.where(snapshot_members.c.userid.in_(list(userids)))
+            for dept, userid in conn.execute(query):
                 result[dept][1].add(userid)
     return result
 

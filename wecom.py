@@ -270,7 +270,9 @@ class _WeChatClient(WeChatClient):
 class WeComClient:
     """The WeCom server API: an access token shared through `token_store`, and department members."""
 
-    def __init__(self, settings, token_store, observe=None, timeout: tuple[float, float] = (5.0, 15.0)):
+    def __init__(self, settings, token_store, observe=None, timeout: tuple[float, float] | None = None):
+        # (connect, read) seconds; the read timeout is WECOM_TIMEOUT_SECONDS (default 15).
+        timeout = timeout or (min(5.0, settings.wecom_timeout), settings.wecom_timeout)
         self.api_base = settings.api_base
         self.token_store = token_store
         self.observe = observe or (lambda api, errcode: None)

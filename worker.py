@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import socket
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 
 from sqlalchemy.exc import DBAPIError
 
@@ -33,15 +35,25 @@ class Worker:
         self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stop = threading.Event()
         self.wakeup = threading.Event()
+        self.lease: _LeaseKeeper | None = None  # the lease on the event in hand
+        self.thread: threading.Thread | None = None  # set by start_in_background
         self._snapshots_due = 0.0
 
     # -- loop ----------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop the background loop and wait: the message in flight finishes, the lease is released."""
+        self.stop.set()
+        self.wakeup.set()
+        if self.thread is not None:
+            self.thread.join(timeout=self.settings.smtp_timeout + 5)
 
     def run(self) -> None:
         """Work until `stop` is set; a failure of one round is logged, never fatal."""
         log.info("delivery worker %s started", self.owner)
         while not self.stop.is_set():
             try:
+                outbox.ensure_schema(self.engine)  # a worker started before its database creates the tables
                 self.ensure_snapshots()
                 busy = self.run_once()
             except DBAPIError as exc:
@@ -63,11 +75,15 @@ class Worker:
         if row is None:
             return False
         started = time.monotonic()
-        if row.status == "pending":
-            if not self.expand(row):
-                return True
-        self.send(row.id, row, started)
-        return True
+        self.lease = _LeaseKeeper(self, row.id)  # renewed while we work, however slow WeCom or SMTP are
+        try:
+            if row.status == "pending":
+                if not self.expand(row):
+                    return True
+            self.send(row.id, row, started)
+            return True
+        finally:
+            self.lease.close()
 
     def ensure_snapshots(self) -> None:
         """Take the member snapshot of each watched department that has none (at start-up, then retried)."""
@@ -96,7 +112,10 @@ class Worker:
     def expand(self, row) -> bool:
         """Decide scope, render, list members and write deliveries; False when the event ends here."""
         settings = self.settings
-        change = wecom.parse_event(row.xml)
+        try:
+            change = wecom.parse_event(row.xml)
+        except wecom.CallbackRejected as exc:  # e.g. XML cut short by schema 1's 64 KB column: it never will parse
+            return self.finish(row, "failed", f"stored event XML does not parse: {exc.reason}")
         touched = self.touched_departments(change)
         if not touched:
             return self.finish(row, "ignored", "not a change to a member of a watched department")
@@ -112,8 +131,8 @@ class Worker:
             members_by_department = self.client.list_members(touched, settings.fetch_child)
         except wecom.WeComError as exc:
             if exc.permanent:
-                return self.finish(row, "failed", f"WeCom: {exc}")
-            return self.postpone(row, f"WeCom: {exc}")
+                return self.finish(row, "failed", str(exc))
+            return self.postpone(row, str(exc))
         self.refresh_snapshots(members_by_department)
         members = list({m.userid: m for ms in members_by_department.values() for m in ms}.values())
         name_fallback = next((m.name for m in members if m.userid == change.user_id), "")
@@ -142,8 +161,8 @@ class Worker:
             return []
         if self.settings.notify_scope == "corp":
             return list(watched)
-        snapshots = outbox.load_snapshots(self.engine, watched)
         userids = {change.user_id, change.fields.get("newuserid", "")} - {""}
+        snapshots = outbox.load_snapshots(self.engine, watched, userids)
         touched = []
         for department_id in watched:
             covered, members = snapshots.get(department_id, ({department_id}, set()))
@@ -181,13 +200,21 @@ class Worker:
         subject, body = outbox.event_message(self.engine, event_id)
         items = [mailer.Outgoing(d.id, d.address, d.name, subject, body) for d in due]
         meta = {d.id: d for d in due}
-        mailer.send_all(self.settings, items, lambda item, result: event.record(meta[item.delivery_id], result),
-                        self.stop)
+        try:
+            mailer.send_all(self.settings, items, lambda item, result: event.record(meta[item.delivery_id], result),
+                            self.stop, before_content=event.settle)
+        finally:
+            event.close()
         if event.lost:
             log.warning("event %s: lease lost during sending; another worker continues", event_id)
             return
-        if event.retry_at is not None:
-            outbox.postpone_untried(self.engine, event_id, event.retry_at)
+        if event.retry_at is not None or (event.failed and not self.stop.is_set()):
+            # Left untried because the connection failed: they share the retry clock, and give up together.
+            hours = self.settings.retry_max_hours
+            outbox.postpone_untried(self.engine, event_id, event.retry_at or time.time(),
+                                    give_up_before=time.time() - hours * 3600,
+                                    reason=f"gave up after RETRY_MAX_HOURS ({hours:g} h): the SMTP connection "
+                                           "kept failing before this message could be tried")
         next_due = outbox.next_open_delivery_at(self.engine, event_id)
         counts = outbox.delivery_counts(self.engine, event_id)
         summary = (f"{event.sent} sent, {counts.get('skipped', 0)} skipped (no address), "
@@ -207,6 +234,33 @@ class Worker:
             self.metrics.event_finished(status)
 
 
+class _LeaseKeeper:
+    """Renews the lease on the event in hand every LEASE_SECONDS/3 from its own thread, so a slow WeCom call
+    or SMTP reply never lets another process take over live work; `lost` is set once someone else holds it."""
+
+    def __init__(self, worker: Worker, event_id: int):
+        self.lost = threading.Event()
+        self._done = threading.Event()
+        self._args = (worker.engine, event_id, worker.owner, worker.settings.lease_seconds)
+        self._thread = threading.Thread(target=self._renew, name="wecom-mailer-lease", daemon=True)
+        self._thread.start()
+
+    def _renew(self) -> None:
+        engine, event_id, owner, lease_seconds = self._args
+        while not self._done.wait(lease_seconds / 3):
+            try:
+                if not outbox.renew_lease(engine, event_id, owner, lease_seconds):
+                    self.lost.set()
+                    return
+            except DBAPIError as exc:  # try again at the next beat; the lease may run out meanwhile
+                log.warning("event %s: cannot renew the lease (%s)", event_id, exc.orig.__class__.__name__)
+
+    def close(self) -> None:
+        """Stop renewing (the caller has released the lease or is about to give it up)."""
+        self._done.set()
+        self._thread.join(timeout=self._args[3])
+
+
 class _EventRound:
     """Outcomes of one sending round of one event; called from the SMTP threads."""
 
@@ -216,43 +270,102 @@ class _EventRound:
         self.sent = self.failed = self.retried = 0
         self.retry_at: float | None = None
         self.lost = False
+        self.marks = outbox.DeliveryMarks(worker.engine)
         self._lock = threading.Lock()
-        self._renewed = time.monotonic()
+        # Over SMTP a writer thread writes the outcomes while the next messages start; each sending thread
+        # runs settle() before its next message's content goes out (mailer's before_content), so the
+        # server never accepts a message while an earlier outcome on that connection is unwritten.
+        # What several connections hand over meanwhile goes out together: the sent ones in one UPDATE.
+        self.pipelined = worker.settings.mail_backend == "smtp"
+        self._local = threading.local()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._failure: BaseException | None = None
 
     def record(self, delivery, result) -> bool:
-        """Write one outcome at once (so a crash repeats at most the message in flight); False to stop."""
-        worker, settings, now = self.worker, self.worker.settings, time.time()
-        attempts = delivery.attempts + 1
-        first = delivery.first_attempt_at or now
-        if result.ok:
-            outbox.mark_delivery(worker.engine, delivery.id, status="sent", sent_at=now, attempts=attempts,
-                                 first_attempt_at=first, reason=None)
-            outcome = "sent"
-        elif result.permanent or now - first > settings.retry_max_hours * 3600:
-            reason = result.reason if result.permanent else f"gave up after {attempts} attempts: {result.reason}"
-            outbox.mark_delivery(worker.engine, delivery.id, status="failed", attempts=attempts,
-                                 first_attempt_at=first, reason=reason[:1000])
-            outcome = "failed"
-        else:
-            retry_at = now + outbox.backoff_seconds(attempts, settings.retry_backoff)
-            outbox.mark_delivery(worker.engine, delivery.id, status="retry", attempts=attempts,
-                                 first_attempt_at=first, next_attempt_at=retry_at, reason=result.reason[:1000])
-            outcome = "retry"
-        with self._lock:
-            if outcome == "sent":
-                self.sent += 1
-            elif outcome == "failed":
-                self.failed += 1
-            else:
-                self.retried += 1
-                self.retry_at = retry_at if self.retry_at is None else min(self.retry_at, retry_at)
-            if worker.metrics:
-                worker.metrics.delivery(outcome)
-            if time.monotonic() - self._renewed > settings.lease_seconds / 3:
-                self._renewed = time.monotonic()
-                if not outbox.renew_lease(worker.engine, self.event_id, worker.owner, settings.lease_seconds):
-                    self.lost = True
+        """Write one outcome (so a crash repeats at most the message in flight); False to stop."""
+        if not self.pipelined:
+            self._write([(delivery, result)])
             return not self.lost
+        self.settle()  # at most one outcome in flight per connection
+        with self._lock:
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_queued, name="smtp-marks", daemon=True)
+                self._writer.start()
+        written = self._local.pending = Future()
+        self._queue.put((delivery, result, written))
+        return not self.lost
+
+    def settle(self) -> None:
+        """Wait until this sending thread's latest outcome is written; raises what writing it raised."""
+        pending = getattr(self._local, "pending", None)
+        if pending is not None:
+            self._local.pending = None
+            pending.result()
+
+    def close(self) -> None:
+        """Wait until every outcome is written, then give back the connections; raises a write error."""
+        if self._writer is not None:
+            self._queue.put(None)
+            self._writer.join()
+        self.marks.close()
+        if self._failure is not None:
+            raise self._failure
+
+    def _write_queued(self) -> None:
+        """The writer thread: everything queued since its last write, in one go, until close()."""
+        while True:
+            batch = [self._queue.get()]
+            while batch[-1] is not None and not self._queue.empty():
+                batch.append(self._queue.get())
+            entries = [entry for entry in batch if entry is not None]
+            try:
+                self._write([(delivery, result) for delivery, result, _ in entries])
+            except BaseException as exc:  # the sending threads see it at their next settle()
+                self._failure = self._failure or exc
+                for *_, written in entries:
+                    written.set_exception(exc)
+            else:
+                for *_, written in entries:
+                    written.set_result(None)
+            if batch[-1] is None:
+                return
+
+    def _write(self, outcomes) -> None:
+        """Write outcomes: the sent ones in one statement, a failure or a retry each on its own."""
+        worker, settings, now = self.worker, self.worker.settings, time.time()
+        sent = [delivery.id for delivery, result in outcomes if result.ok]
+        if sent:
+            self.marks.mark_sent(sent, now)
+        counted = [("sent", None)] * len(sent)
+        for delivery, result in outcomes:
+            if result.ok:
+                continue
+            attempts = delivery.attempts + 1
+            first = delivery.first_attempt_at or now
+            if result.permanent or now - first > settings.retry_max_hours * 3600:
+                reason = result.reason if result.permanent else f"gave up after {attempts} attempts: {result.reason}"
+                self.marks.mark(delivery.id, status="failed", attempts=attempts,
+                                first_attempt_at=first, reason=reason[:1000])
+                counted.append(("failed", None))
+            else:
+                retry_at = now + outbox.backoff_seconds(attempts, settings.retry_backoff)
+                self.marks.mark(delivery.id, status="retry", attempts=attempts,
+                                first_attempt_at=first, next_attempt_at=retry_at, reason=result.reason[:1000])
+                counted.append(("retry", retry_at))
+        with self._lock:
+            for outcome, retry_at in counted:
+                if outcome == "sent":
+                    self.sent += 1
+                elif outcome == "failed":
+                    self.failed += 1
+                else:
+                    self.retried += 1
+                    self.retry_at = retry_at if self.retry_at is None else min(self.retry_at, retry_at)
+                if worker.metrics:
+                    worker.metrics.delivery(outcome)
+            if worker.lease.lost.is_set():  # another process holds the event now: stop after this message
+                self.lost = True
 
 
 def _final_reason(counts: dict[str, int]) -> str:
@@ -265,11 +378,7 @@ def start_in_background(worker: Worker) -> threading.Thread:
 
     thread = threading.Thread(target=worker.run, name="wecom-mailer-worker", daemon=True)
     thread.start()
-
-    def stop_worker():
-        worker.stop.set()
-        worker.wakeup.set()
-        thread.join(timeout=worker.settings.smtp_timeout + 5)
-
-    atexit.register(stop_worker)
+    worker.thread = thread
+    # A fallback only: by atexit time thread pools refuse new work. gunicorn.conf.py's worker_exit comes first.
+    atexit.register(worker.shutdown)
     return thread

@@ -177,7 +177,7 @@ def test_status_lists_recent_events_with_counts_and_failure_reasons(history):
     assert create.split()[-3:] == ["done", "5", "sent"]
     assert update.split()[-5:] == ["done", "1", "failed,", "4", "sent"]
     assert delete.split()[-2:] == ["failed", "-"]
-    assert "reason: WeCom: WeCom user/list: the secret has no permission for this department" in text
+    assert "reason: WeCom user/list: the secret has no permission for this department" in text
     failed_line = next(line for line in lines if line.startswith("  failed delivery"))
     assert "to user0001@corp.example: 554 5.7.1 message refused by policy" in failed_line
 
