@@ -31,7 +31,6 @@ EVENT_STATUSES = ("pending", "sending", "done", "failed", "skipped", "ignored")
 DELIVERY_STATUSES = ("pending", "retry", "sent", "failed", "skipped")
 LABELS = {"pending": "待处理", "sending": "发送中", "done": "完成", "failed": "失败", "skipped": "跳过",
           "ignored": "忽略", "retry": "待重试", "sent": "已发送"}
-MEMBER_CHANGES = ("create_user", "update_user", "delete_user")
 SAMPLE = {"userid": "zhangsan", "name": "张三", "create_time": 1700000000}  # 2023-11-15 06:13:20 Asia/Shanghai
 REFRESH_WITHIN_SECONDS = 60  # the event page refreshes itself while something is due this soon
 
@@ -248,7 +247,7 @@ def templates():
 
 
 def _preview(row: dict, settings) -> dict:
-    change_type = row["change_type"] if row["change_type"] in MEMBER_CHANGES else "create_user"
+    change_type = row["change_type"] if row["change_type"] in wecom.MEMBER_CHANGES else "create_user"
     change = wecom.parse_event(wecom.event_xml(change_type, SAMPLE["userid"], settings.corp_id,
                                                str(settings.department_ids[0]), create_time=SAMPLE["create_time"]))
     template = templates_repo.EmailTemplate(row["email_title"] or "", row["email_body"] or "")

@@ -1,6 +1,7 @@
 """The test harness: settings, databases (SQLite always, MariaDB when TEST_MYSQL_URL is set), app, client."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import uuid
@@ -184,8 +185,7 @@ def service(service_env):
                                   settings.template_app)
 
     def make_worker(**overrides):
-        s = settings if not overrides else __import__("dataclasses").replace(settings, **overrides)
-        return delivery.Worker(s, flask_app.extensions["engine"], app_module.template_engine(flask_app),
+        return delivery.Worker(dataclasses.replace(settings, **overrides), flask_app.extensions["engine"], app_module.template_engine(flask_app),
                                app_module.wecom_client(flask_app))
 
     def drain(worker=None, rounds: int = 200):
