@@ -132,10 +132,13 @@ def _callback() -> tuple[Response, str, str]:
     log.info("event %s %s userid=%s: %s", event_id, change.change_type or change.event, change.user_id,
              ("recorded" if status == "pending" else "ignored") if created else "duplicate, already recorded")
     worker = current_app.extensions.get("worker")
+    response = _plain("success")
     if created and worker is not None and status == "pending":
-        worker.wakeup.set()
+        # Once the answer is out: woken earlier, the delivery thread's first burst holds the GIL
+        # while this thread still has the answer to write (measured: +25-40 ms for 100+ members).
+        response.call_on_close(worker.wakeup.set)
     outcome = ("recorded" if status == "pending" else "ignored") if created else "duplicate"
-    return _plain("success"), outcome, ""
+    return response, outcome, ""
 
 
 def _require(args, *names: str) -> list[str]:

@@ -147,9 +147,7 @@ def send_all(settings: Settings, items: Iterable[Outgoing],
              render: Callable[[Outgoing], EmailMessage | bytes] = lambda item: build_message(settings, item)) -> None:
         try:
             while alive() and (item := next_item()) is not None:
-                problem = address_problem(item.address)
-                result = (SendResult(ok=False, permanent=True, reason=problem) if problem
-                          else send(item, render(item)))
+                result = _attempt(item, send, render)
                 _log_result(item, result)
                 if on_result(item, result) is False:
                     halt.set()
@@ -357,10 +355,23 @@ def _print_message(item: Outgoing, message: EmailMessage) -> SendResult:
     return SENT
 
 
+def _attempt(item: Outgoing, send, render) -> SendResult:
+    """One message: an address or content that cannot become an email fails it, not the whole round."""
+    problem = address_problem(item.address)
+    if problem:
+        return SendResult(ok=False, permanent=True, reason=problem)
+    try:
+        message = render(item)
+    except (ValueError, UnicodeError) as exc:  # e.g. the email package's header encoder on odd subjects
+        return SendResult(ok=False, permanent=True, reason=f"message cannot be built ({exc.__class__.__name__}): "
+                                                           "check the template's email_title and email_body")
+    return send(item, message)
+
+
 def _log_result(item: Outgoing, result: SendResult) -> None:
     who = f"{header_text(item.name)} <{header_text(item.address)}>"
-    if result.ok:  # at INFO the event's summary line counts them; a line per member costs ~45 µs
-        log.debug("delivery %d: mailed %s", item.delivery_id, who)
+    if result.ok:  # the original flow logged each member's name at INFO; operators grep for it
+        log.info("delivery %d: mailed %s", item.delivery_id, who)
     else:
         kind = "permanent" if result.permanent else "transient"
         log.warning("delivery %d to %s failed (%s): %s", item.delivery_id, who, kind, result.reason)

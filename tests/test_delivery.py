@@ -215,3 +215,13 @@ def test_fetch_child_covers_a_new_member_of_a_sub_department(service, standin, s
     signed_post(service.test_client(), crypto, change("create_user", "child1", departments="21"))
     service.drain(worker)
     assert len(smtp_sink.messages) == 6 and "child1@corp.example" in {m["X-RcptTo"] for m in smtp_sink.messages}
+
+
+def test_logs_name_each_member_mailed_and_count_the_event(service, smtp_sink, crypto, caplog):
+    caplog.set_level("INFO")
+    signed_post(service.test_client(), crypto, change("create_user"))
+    service.drain()
+    mailed = [r.getMessage() for r in caplog.records if r.name == "wecom_mailer.mailer" and r.levelname == "INFO"]
+    assert len(mailed) == 5 and "mailed 王芳 <user0001@corp.example>" in mailed[0]
+    assert any("create_user userid=user0003: 5 sent, 0 skipped (no address), 0 failed" in r.getMessage()
+               for r in caplog.records if r.name == "wecom_mailer.worker")

@@ -405,3 +405,14 @@ def test_console_backend_prints_headers_and_decoded_body(capsys):
     out = capsys.readouterr().out
     assert "Subject: 欢迎" in out and "To: Member 1 <user1@corp.example>" in out
     assert "你好，张三" in out
+
+
+def test_a_subject_the_email_package_cannot_encode_fails_those_messages_not_the_round(sink):
+    # Python's header encoder raises UnicodeEncodeError on non-ASCII text beside an encoded-word
+    # with an undecodable charset; that must be a recorded failure, never an exception out of send_all.
+    odd = Outgoing(1, "a@corp.example", "张三", "é =?x?q?=FF?=", "正文")
+    fine = Outgoing(2, "b@corp.example", "李四", "新增成员", "正文")
+    results = send(smtp_settings(sink.port), [odd, fine])
+    assert [(i.delivery_id, r.ok, r.permanent) for i, r in results] == [(1, False, True), (2, True, False)]
+    assert "message cannot be built" in results[0][1].reason
+    assert [m["X-RcptTo"] for m in sink.messages] == ["b@corp.example"]
