@@ -398,18 +398,8 @@ def due_deliveries(engine: Engine, event_id: int) -> list:
             .order_by(deliveries.c.id)).all()
 
 
-def mark_delivery(engine: Engine, delivery_id: int, **values) -> None:
-    """Record one delivery's outcome; only an open row changes (a sent row stays sent)."""
-    def write():
-        with engine.begin() as conn:
-            conn.execute(deliveries.update()
-                         .where(deliveries.c.id == delivery_id, deliveries.c.status.in_(DELIVERY_OPEN))
-                         .values(**values))
-    with_retries(write)
-
-
 class DeliveryMarks:
-    """mark_delivery for a sending round: each writing thread keeps a connection of its own, every UPDATE
+    """Delivery outcomes of a sending round: each writing thread keeps a connection of its own, every UPDATE
     autocommitted, so a mark is durable when mark() returns after one round trip (no pool checkout and
     ping, no separate COMMIT)."""
 

@@ -10,7 +10,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -377,10 +376,10 @@ def end_to_end(run: Run) -> None:
                         probes["p99_ms"] / floor_answer if floor_answer else None, "< 50 ms", probes["p99_ms"] < 50)
             last = result["last_mail_s"]
             floor_time = size / floor_rate if floor_rate else None
-            run.add("e2e", f"  time to the last email", f"{last:.2f} s",
+            run.add("e2e", "  time to the last email", f"{last:.2f} s",
                     f"{floor_time:.2f} s" if floor_time else "", last / floor_time if floor_time else None)
             rss = delta["peak_rss_kb"] / 1024
-            run.add("e2e", f"  peak RSS of the delivering process", f"{rss:.0f} MB", "", None,
+            run.add("e2e", "  peak RSS of the delivering process", f"{rss:.0f} MB", "", None,
                     "< 150 MB" if size >= 10000 else "", rss < 150 if size >= 10000 else None)
             run.add("e2e", f"  db statements per event (answer: {delta['statements_request']})",
                     f"{delta['statements']}", f"round trips {delta['round_trips']}",
@@ -475,7 +474,7 @@ def growth(run: Run) -> None:
         scans = _explain(url, h.read_stats(stats_dir) + h.read_stats(worker_stats))
         run.raw["growth explain"] = scans
         full = [s for s in scans if s["full_scan"]]
-        run.add("growth", f"hot-path statements EXPLAINed", f"{len(scans)}", "", None,
+        run.add("growth", "hot-path statements EXPLAINed", f"{len(scans)}", "", None,
                 "no full scan", not full)
         for s in full:
             say(f"full scan: {s['sql'][:160]} → {s['plan']}")
