@@ -133,10 +133,13 @@ def make_engine(url: str, autocommit: bool = False) -> Engine:
             dbapi_conn.execute("PRAGMA synchronous=NORMAL")
 
         return engine
-    # The autocommit engine pings nothing: record_event retries once on a connection found dead instead.
+    # The autocommit engine records callbacks. It pings nothing (record_event retries once on a connection
+    # found dead instead), and its timeouts are short: a hung database must still get WeCom a 503 inside
+    # the 5 s it waits, so that it retries. A one-row INSERT takes milliseconds when the server is well.
+    timeouts = ({"connect_timeout": 2, "read_timeout": 3, "write_timeout": 3} if autocommit else
+                {"connect_timeout": 5, "read_timeout": 30, "write_timeout": 30})
     return sa.create_engine(url, pool_pre_ping=not autocommit, pool_recycle=3600, pool_size=5, max_overflow=10,
-                            connect_args={"connect_timeout": 5, "read_timeout": 30, "write_timeout": 30,
-                                          "charset": "utf8mb4"}, **options)
+                            connect_args={**timeouts, "charset": "utf8mb4"}, **options)
 
 
 _autocommit_siblings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -250,11 +253,14 @@ def record_event(engine: Engine, xml: str, change, status: str, reason: str | No
         # A plain INSERT: MySQL's INSERT IGNORE would also turn "data too long" into a warning and cut the XML.
         # Autocommitted: recorded for good in one round trip (no ping, no COMMIT, no ROLLBACK to the pool).
         for attempt in (1, 2):
+            started = time.monotonic()
             try:
                 with autocommit_engine(engine).connect() as conn:
                     return conn.execute(_INSERT_EVENT, row).inserted_primary_key[0], True
-            except DBAPIError as exc:  # a pooled connection the server has dropped: once more on a new one
-                if attempt == 2 or not exc.connection_invalidated:
+            except DBAPIError as exc:
+                # A pooled connection the server has dropped fails at once: try once more on a new one.
+                # A slow failure (a hung server) is not retried: WeCom's 5 s are nearly spent.
+                if attempt == 2 or not exc.connection_invalidated or time.monotonic() - started > 1:
                     raise
     except IntegrityError:  # the dedup key exists: a resend
         with autocommit_engine(engine).connect() as conn:
