@@ -220,7 +220,7 @@ def ping(engine: Engine) -> bool:
     """True when the state database answers (and holds the state tables)."""
     try:
         ensure_schema(engine)
-        with engine.connect() as conn:
+        with autocommit_engine(engine).connect() as conn:  # its short timeouts: a hung database is not ready
             conn.execute(sa.text("SELECT 1"))
         return True
     except DBAPIError:

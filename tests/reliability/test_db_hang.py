@@ -1,4 +1,5 @@
-"""A state database that hangs (accepts, never answers) still gets WeCom a 503 inside its 5 s, so WeCom retries."""
+"""A state database that hangs (accepts, never answers) still gets WeCom a 503 inside its 5 s, so WeCom retries;
+/readyz says 503 as promptly."""
 from __future__ import annotations
 
 import select
@@ -80,6 +81,7 @@ def test_a_hung_database_gets_wecom_a_503_in_time_and_the_retry_is_recorded_once
         packets = [_packet(crypto, f"during{i}") for i in range(3)]
         hung = [_post(base, packet) for packet in packets]
         assert [(r.status_code, r.text.strip()) for r in hung] == [(503, "state database unavailable")] * 3
+        assert requests.get(f"{base}/readyz", timeout=5).status_code == 503  # a probe's timeout is short too
 
         proxy.frozen.clear()
         retried = [_post(base, packet) for packet in packets]  # WeCom resends the same requests
