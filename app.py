@@ -38,7 +38,7 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     app.extensions["crypto"] = wecom.CallbackCrypto(settings.callback_token, settings.callback_aes_key,
                                                     settings.corp_id, settings.callback_max_skew)
     try:
-        outbox.with_retries(lambda: outbox.init_schema(engine))
+        outbox.with_retries(lambda: outbox.ensure_schema(engine))
     except outbox.DBAPIError as exc:
         # Start anyway: /readyz says 503 and callbacks answer 503 until the database is back.
         log.error("state database unavailable at start-up (%s); tables not checked", exc.orig.__class__.__name__)

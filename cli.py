@@ -66,10 +66,7 @@ def worker_command() -> None:
     signal.signal(signal.SIGINT, stop)
     while not worker.stop.wait(0.5):
         pass
-    import threading
-    for thread in threading.enumerate():
-        if thread.name == "wecom-mailer-worker":
-            thread.join(timeout=_settings().smtp_timeout + 5)
+    worker.shutdown()
 
 
 @click.command("simulate")

@@ -80,7 +80,7 @@ class Worker:
             if row.status == "pending":
                 if not self.expand(row):
                     return True
-            self.send(row.id, row, started)
+            self.send(row, started)
             return True
         finally:
             self.lease.close()
@@ -89,8 +89,8 @@ class Worker:
         """Take the member snapshot of each watched department that has none (at start-up, then retried)."""
         if time.time() < self._snapshots_due:
             return
-        missing = [d for d in self.settings.department_ids
-                   if d not in outbox.load_snapshots(self.engine, self.settings.department_ids)]
+        taken = outbox.load_snapshots(self.engine, self.settings.department_ids, userids=())  # no member rows
+        missing = [d for d in self.settings.department_ids if d not in taken]
         self._snapshots_due = float("inf")
         if not missing:
             return
@@ -193,11 +193,11 @@ class Worker:
 
     # -- sending -------------------------------------------------------------------------------
 
-    def send(self, event_id: int, row, started: float) -> None:
+    def send(self, row, started: float) -> None:
         """Send the due deliveries of a held event over one reused connection per SMTP_CONNECTIONS."""
-        event = _EventRound(self, event_id)
-        due = outbox.due_deliveries(self.engine, event_id)
-        subject, body = outbox.event_message(self.engine, event_id)
+        event = _EventRound(self, row.id)
+        due = outbox.due_deliveries(self.engine, row.id)
+        subject, body = outbox.event_message(self.engine, row.id)
         items = [mailer.Outgoing(d.id, d.address, d.name, subject, body) for d in due]
         meta = {d.id: d for d in due}
         try:
@@ -206,27 +206,27 @@ class Worker:
         finally:
             event.close()
         if event.lost:
-            log.warning("event %s: lease lost during sending; another worker continues", event_id)
+            log.warning("event %s: lease lost during sending; another worker continues", row.id)
             return
         if event.retry_at is not None or (event.failed and not self.stop.is_set()):
             # Left untried because the connection failed: they share the retry clock, and give up together.
             hours = self.settings.retry_max_hours
-            outbox.postpone_untried(self.engine, event_id, event.retry_at or time.time(),
+            outbox.postpone_untried(self.engine, row.id, event.retry_at or time.time(),
                                     give_up_before=time.time() - hours * 3600,
                                     reason=f"gave up after RETRY_MAX_HOURS ({hours:g} h): the SMTP connection "
                                            "kept failing before this message could be tried")
-        next_due = outbox.next_open_delivery_at(self.engine, event_id)
-        counts = outbox.delivery_counts(self.engine, event_id)
+        next_due = outbox.next_open_delivery_at(self.engine, row.id)
+        counts = outbox.delivery_counts(self.engine, row.id)
         summary = (f"{event.sent} sent, {counts.get('skipped', 0)} skipped (no address), "
                    f"{event.failed} failed, {event.retried} to retry")
         if next_due is None:
-            outbox.update_event(self.engine, event_id, self.owner, status="done", finished_at=time.time(),
+            outbox.update_event(self.engine, row.id, self.owner, status="done", finished_at=time.time(),
                                 reason=_final_reason(counts))
             self._observe_event("done")
         else:
-            outbox.update_event(self.engine, event_id, self.owner, next_attempt_at=next_due,
+            outbox.update_event(self.engine, row.id, self.owner, next_attempt_at=next_due,
                                 reason=_final_reason(counts))
-        log.info("event %s %s userid=%s: %s in %.1f s", event_id, row.change_type, row.user_id, summary,
+        log.info("event %s %s userid=%s: %s in %.1f s", row.id, row.change_type, row.user_id, summary,
                  time.monotonic() - started)
 
     def _observe_event(self, status: str) -> None:

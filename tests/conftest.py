@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import sqlalchemy as sa
 
+from smtpd import free_port  # tests/smtpd.py (pytest puts tests/ first on sys.path), re-exported to the tests
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -201,14 +203,6 @@ def service(service_env):
     flask_app.drain = drain
     flask_app.engine = flask_app.extensions["engine"]
     return flask_app
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Process:
