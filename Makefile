@@ -18,10 +18,15 @@ $(VENV)/.dev: requirements-dev.txt requirements.txt | $(VENV)/.runtime
 	$(BIN)/pip install -q -r requirements-dev.txt
 	@touch $@
 
-demo: $(VENV)/.runtime  ## run the whole scenario on embedded defaults and show the emails
+# devtools/ (the WeCom stand-in and the demo) as a Flask plugin: `flask --app app demo` needs no configuration.
+$(VENV)/.devtools: pyproject.toml | $(VENV)/.runtime
+	$(BIN)/pip install -q --no-deps -e .
+	@touch $@
+
+demo: $(VENV)/.runtime $(VENV)/.devtools  ## run the whole scenario on embedded defaults and show the emails
 	$(BIN)/flask --app app demo
 
-test: $(VENV)/.dev  ## run the whole test suite
+test: $(VENV)/.dev $(VENV)/.devtools  ## run the whole test suite
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 serve: $(VENV)/.runtime  ## run the service with the configuration in the environment / .env
@@ -33,8 +38,8 @@ worker: $(VENV)/.runtime  ## run delivery only
 check: $(VENV)/.runtime  ## try every dependency with the current configuration
 	$(BIN)/flask --app app check
 
-bench: $(VENV)/.dev  ## print the benchmark table (see bench/README.md)
+bench: $(VENV)/.dev $(VENV)/.devtools  ## print the benchmark table (see bench/README.md)
 	$(BIN)/python bench/run.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache *.egg-info

@@ -1,11 +1,12 @@
-"""Settings: one frozen object built from the environment (and `.env`)."""
+"""Settings: one frozen object built from the environment (and `.env`); every error names the variable."""
 from __future__ import annotations
 
 import base64
 import binascii
 import os
 import re
-from dataclasses import dataclass, field
+import ssl
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -14,13 +15,10 @@ DEFAULT_API_BASE = "https://qyapi.weixin.qq.com/cgi-bin/"
 EMAIL_SOURCE_NAMES = ("wecom", "directory", "pattern")
 SMTP_DEFAULT_PORTS = {"ssl": 465, "starttls": 587, "none": 25}
 MAIL_BACKENDS = ("smtp", "file", "console")
-SECRET_NAMES = (
-    "WECOM_CONTACT_SECRET",
-    "WECOM_CALLBACK_TOKEN",
-    "WECOM_CALLBACK_AES_KEY",
-    "SMTP_PASSWORD",
-    "ADMIN_TOKEN",
-)
+MIN_ADMIN_TOKEN = 32
+TOKEN_HOWTO = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")  # ASCII only: float() also takes '١٢'
+_CLOCK = re.compile(r"([01]?[0-9]|2[0-3]):([0-5][0-9])")
 
 
 class ConfigError(Exception):
@@ -29,6 +27,8 @@ class ConfigError(Exception):
 
 @dataclass(frozen=True)
 class Settings:
+    """Every setting of the service; the defaults here are the only ones (from_env reads them)."""
+
     corp_id: str
     contact_secret: str = field(repr=False)
     callback_token: str = field(repr=False)
@@ -40,19 +40,23 @@ class Settings:
     api_base: str = DEFAULT_API_BASE
     wecom_timeout: float = 15.0
     notify_scope: str = "department"
-    database_url: str = "sqlite:///var/wecom-mailer.db"
-    template_database_url: str = "sqlite:///var/wecom-mailer.db"
+    database_url: str = field(default="sqlite:///var/wecom-mailer.db", repr=False)  # may hold a password
+    template_database_url: str = field(default="", repr=False)  # "" here: DATABASE_URL
     template_table: str = "ipaas_email_template"
     template_app: str = "tencent-wechat"
     mail_backend: str = "smtp"
     mail_file_dir: str = "var/outbox"
     smtp_host: str | None = None
-    smtp_port: int = 465
+    smtp_port: int = 465  # by SMTP_SECURITY: SMTP_DEFAULT_PORTS
     smtp_security: str = "ssl"
     smtp_user: str = ""
     smtp_password: str = field(default="", repr=False)
     smtp_timeout: float = 10.0
     smtp_connections: int = 1
+    smtp_pipelining: str = "auto"
+    smtp_max_per_minute: int = 0
+    smtp_max_per_day: int = 0
+    smtp_ca_file: str | None = None
     mail_from: str = ""
     timezone: str = "Asia/Shanghai"
     callback_path: str = "/wecom/callback"
@@ -60,9 +64,16 @@ class Settings:
     callback_max_body: int = 262144
     retry_backoff: float = 30.0
     retry_max_hours: float = 48.0
+    digest_window: float = 60.0
+    quiet_hours: tuple[int, int] | None = None  # (start, end) in minutes after midnight, TIMEZONE
+    reconcile_seconds: float = 900.0
     lease_seconds: float = 30.0
     worker_in_web: bool = True
     admin_token: str | None = field(default=None, repr=False)
+    secret_key: str | None = field(default=None, repr=False)  # None: generated once into the state database
+    admin_cookie_secure: bool = True
+    trusted_proxies: int = 0
+    metrics_token: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     log_format: str = "text"
 
@@ -71,10 +82,14 @@ class Settings:
         return ZoneInfo(self.timezone)
 
     def secrets(self) -> list[str]:
-        """Every secret value, for masking in logs and error messages."""
-        values = [self.contact_secret, self.callback_token, self.callback_aes_key,
-                  self.smtp_password, self.admin_token or ""]
+        """Every secret value, for masking in logs and error messages (database passwords included)."""
+        values = [self.contact_secret, self.callback_token, self.callback_aes_key, self.smtp_password,
+                  self.admin_token or "", self.secret_key or "", self.metrics_token or "",
+                  *_passwords(self.database_url), *_passwords(self.template_database_url)]
         return [v for v in values if v]
+
+
+DEFAULTS = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
 
 
 def load_dotenv_file(path: str | os.PathLike = ".env") -> None:
@@ -89,18 +104,19 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     """Build Settings from `env` (default: os.environ); raise ConfigError naming the first bad variable."""
     env = os.environ if env is None else env
     r = _Reader(env)
-    database_url = r.url("DATABASE_URL", "sqlite:///var/wecom-mailer.db")
-    security = r.choice("SMTP_SECURITY", "ssl", tuple(SMTP_DEFAULT_PORTS))
-    backend = r.choice("MAIL_BACKEND", "smtp", MAIL_BACKENDS)
+    d = DEFAULTS
+    database_url = r.url("DATABASE_URL", d["database_url"])
+    security = r.choice("SMTP_SECURITY", d["smtp_security"], tuple(SMTP_DEFAULT_PORTS))
+    backend = r.choice("MAIL_BACKEND", d["mail_backend"], MAIL_BACKENDS)
     smtp_host = r.text("SMTP_HOST", "") or None
     if backend == "smtp" and not smtp_host:
         raise ConfigError("SMTP_HOST is required when MAIL_BACKEND=smtp: set it (e.g. smtp.qq.com) "
                           "or use MAIL_BACKEND=file for a dry run")
-    smtp_user = r.text("SMTP_USER", "")
+    smtp_user = r.text("SMTP_USER", d["smtp_user"])
     mail_from = r.text("MAIL_FROM", "") or smtp_user
     if backend == "smtp" and not mail_from:
         raise ConfigError("MAIL_FROM is required when SMTP_USER is empty: set MAIL_FROM=it@corp.example")
-    sources = r.csv("EMAIL_SOURCES", "wecom,directory,pattern")
+    sources = r.csv("EMAIL_SOURCES", ",".join(d["email_sources"]))
     for name in sources:
         if name not in EMAIL_SOURCE_NAMES:
             raise ConfigError(f"EMAIL_SOURCES has unknown source {name!r}: use a comma list of "
@@ -108,56 +124,65 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     pattern = r.text("EMAIL_PATTERN", "") or None
     if pattern is not None and ("{userid}" not in pattern or "@" not in pattern):
         raise ConfigError("EMAIL_PATTERN must contain {userid} and an @, e.g. {userid}@corp.example")
-    timezone = r.text("TIMEZONE", "Asia/Shanghai")
+    timezone = r.text("TIMEZONE", d["timezone"])
     try:
         ZoneInfo(timezone)
     except (ZoneInfoNotFoundError, ValueError):
         raise ConfigError(f"TIMEZONE {timezone!r} is not an IANA zone: use e.g. Asia/Shanghai") from None
-    path = r.text("CALLBACK_PATH", "/wecom/callback")
+    path = r.text("CALLBACK_PATH", d["callback_path"])
     if not path.startswith("/"):
         raise ConfigError(f"CALLBACK_PATH must start with '/' (got {path!r})")
-    api_base = r.text("WECOM_API_BASE", DEFAULT_API_BASE)
+    api_base = r.text("WECOM_API_BASE", d["api_base"])
     if not re.match(r"^https?://", api_base):
         raise ConfigError("WECOM_API_BASE must be an http(s) URL, e.g. " + DEFAULT_API_BASE)
-    log_format = r.choice("LOG_FORMAT", "text", ("text", "json"))
-    log_level = r.choice("LOG_LEVEL", "INFO", ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True)
     return Settings(
         corp_id=r.required("WECOM_CORP_ID", "copy 企业ID from 我的企业 > 企业信息"),
         contact_secret=r.required("WECOM_CONTACT_SECRET", "copy the Secret from 管理工具 > 通讯录同步"),
         callback_token=r.callback_token(),
         callback_aes_key=r.aes_key(),
         department_ids=r.department_ids(),
-        fetch_child=r.bool("WECOM_FETCH_CHILD", False),
+        fetch_child=r.bool("WECOM_FETCH_CHILD", d["fetch_child"]),
         email_sources=tuple(sources),
         email_pattern=pattern,
         api_base=api_base if api_base.endswith("/") else api_base + "/",
-        wecom_timeout=r.number("WECOM_TIMEOUT_SECONDS", 15.0, 0.1, 600),
-        notify_scope=r.choice("NOTIFY_SCOPE", "department", ("department", "corp")),
+        wecom_timeout=r.number("WECOM_TIMEOUT_SECONDS", d["wecom_timeout"], 0.1, 600),
+        notify_scope=r.choice("NOTIFY_SCOPE", d["notify_scope"], ("department", "corp")),
         database_url=database_url,
         template_database_url=r.url("TEMPLATE_DATABASE_URL", database_url),
-        template_table=r.identifier("TEMPLATE_TABLE", "ipaas_email_template"),
-        template_app=r.text("TEMPLATE_APP", "tencent-wechat"),
+        template_table=r.identifier("TEMPLATE_TABLE", d["template_table"]),
+        template_app=r.text("TEMPLATE_APP", d["template_app"]),
         mail_backend=backend,
-        mail_file_dir=r.text("MAIL_FILE_DIR", "var/outbox"),
+        mail_file_dir=r.text("MAIL_FILE_DIR", d["mail_file_dir"]),
         smtp_host=smtp_host,
         smtp_port=r.int("SMTP_PORT", SMTP_DEFAULT_PORTS[security], 1, 65535),
         smtp_security=security,
         smtp_user=smtp_user,
         smtp_password=r.secret("SMTP_PASSWORD"),
-        smtp_timeout=r.number("SMTP_TIMEOUT_SECONDS", 10.0, 0.1, 600),
-        smtp_connections=r.int("SMTP_CONNECTIONS", 1, 1, 32),
+        smtp_timeout=r.number("SMTP_TIMEOUT_SECONDS", d["smtp_timeout"], 0.1, 600),
+        smtp_connections=r.int("SMTP_CONNECTIONS", d["smtp_connections"], 1, 32),
+        smtp_pipelining=r.choice("SMTP_PIPELINING", d["smtp_pipelining"], ("auto", "off")),
+        smtp_max_per_minute=r.int("SMTP_MAX_PER_MINUTE", d["smtp_max_per_minute"], 0, 100_000),
+        smtp_max_per_day=r.int("SMTP_MAX_PER_DAY", d["smtp_max_per_day"], 0, 10_000_000),
+        smtp_ca_file=r.ca_file("SMTP_CA_FILE"),
         mail_from=mail_from,
         timezone=timezone,
         callback_path=path,
-        callback_max_skew=r.int("CALLBACK_MAX_SKEW_SECONDS", 300, 1, 86400),
-        callback_max_body=r.int("CALLBACK_MAX_BODY_BYTES", 262144, 1024, 16 * 1024 * 1024),
-        retry_backoff=r.number("RETRY_BACKOFF_SECONDS", 30.0, 0.01, 3600),
-        retry_max_hours=r.number("RETRY_MAX_HOURS", 48.0, 0.0001, 24 * 365),
-        lease_seconds=r.number("LEASE_SECONDS", 30.0, 1, 3600),
-        worker_in_web=r.bool("WORKER_IN_WEB", True),
-        admin_token=r.secret("ADMIN_TOKEN") or None,
-        log_level=log_level,
-        log_format=log_format,
+        callback_max_skew=r.int("CALLBACK_MAX_SKEW_SECONDS", d["callback_max_skew"], 1, 86400),
+        callback_max_body=r.int("CALLBACK_MAX_BODY_BYTES", d["callback_max_body"], 1024, 16 * 1024 * 1024),
+        retry_backoff=r.number("RETRY_BACKOFF_SECONDS", d["retry_backoff"], 0.01, 3600),
+        retry_max_hours=r.number("RETRY_MAX_HOURS", d["retry_max_hours"], 0.0001, 24 * 365),
+        digest_window=r.number("DIGEST_WINDOW_SECONDS", d["digest_window"], 0, 7 * 86400),
+        quiet_hours=r.quiet_hours("QUIET_HOURS"),
+        reconcile_seconds=r.number("RECONCILE_SECONDS", d["reconcile_seconds"], 0, 7 * 86400),
+        lease_seconds=r.number("LEASE_SECONDS", d["lease_seconds"], 1, 3600),
+        worker_in_web=r.bool("WORKER_IN_WEB", d["worker_in_web"]),
+        admin_token=r.admin_token(),
+        secret_key=r.secret("SECRET_KEY") or None,
+        admin_cookie_secure=r.bool("ADMIN_COOKIE_SECURE", d["admin_cookie_secure"]),
+        trusted_proxies=r.int("TRUSTED_PROXIES", d["trusted_proxies"], 0, 10),
+        metrics_token=r.secret("METRICS_TOKEN") or None,
+        log_level=r.choice("LOG_LEVEL", d["log_level"], ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
+        log_format=r.choice("LOG_FORMAT", d["log_format"], ("text", "json")),
     )
 
 
@@ -202,29 +227,20 @@ class _Reader:
             return False
         raise ConfigError(f"{name} must be true or false (got {value!r})")
 
-    def int(self, name: str, default: int, lo: int, hi: int) -> int:
+    def number(self, name: str, default: float, lo: float, hi: float, whole: bool = False) -> float:
         value = self.raw(name)
         if value in (None, ""):
             return default
-        try:
-            number = int(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be a whole number (got {value!r})") from None
-        if not lo <= number <= hi:
-            raise ConfigError(f"{name} must be between {lo} and {hi} (got {number})")
-        return number
-
-    def number(self, name: str, default: float, lo: float, hi: float) -> float:
-        value = self.raw(name)
-        if value in (None, ""):
-            return default
-        try:
-            number = float(value)
-        except ValueError:
-            raise ConfigError(f"{name} must be a number (got {value!r})") from None
+        if not _NUMBER.fullmatch(value) or (whole and "." in value):
+            kind = "a whole number" if whole else "a number"
+            raise ConfigError(f"{name} must be {kind} written with the digits 0-9 (got {value!r})")
+        number = int(value) if whole else float(value)
         if not lo <= number <= hi:
             raise ConfigError(f"{name} must be between {lo:g} and {hi:g} (got {number:g})")
         return number
+
+    def int(self, name: str, default: int, lo: int, hi: int) -> int:
+        return int(self.number(name, default, lo, hi, whole=True))
 
     def choice(self, name: str, default: str, options: tuple[str, ...], upper: bool = False) -> str:
         value = self.text(name, default)
@@ -259,6 +275,41 @@ class _Reader:
             raise ConfigError(f"{name} must name the pymysql driver: mysql+pymysql://…")
         return value
 
+    def ca_file(self, name: str) -> str | None:
+        path = self.text(name, "")
+        if not path:
+            return None
+        try:
+            ssl.create_default_context(cafile=path)
+        except FileNotFoundError:
+            raise ConfigError(f"{name} points to {path!r}, which does not exist: give the path of a PEM "
+                              "bundle of the CA that signed the SMTP server's certificate") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{name} {path!r} is not a readable PEM certificate bundle "
+                              f"({getattr(exc, 'strerror', None) or exc.__class__.__name__})") from None
+        return path
+
+    def quiet_hours(self, name: str) -> tuple[int, int] | None:
+        value = self.text(name, "")
+        if not value:
+            return None
+        start, _, end = value.partition("-")
+        clocks = [_CLOCK.fullmatch(part.strip()) for part in (start, end)]
+        if not all(clocks):
+            raise ConfigError(f"{name} must be two times HH:MM-HH:MM in TIMEZONE, e.g. 22:00-08:00 "
+                              f"(got {value!r})")
+        begin, finish = (int(m.group(1)) * 60 + int(m.group(2)) for m in clocks)
+        if begin == finish:
+            raise ConfigError(f"{name} starts and ends at the same time ({value!r}): unset it for no quiet hours")
+        return begin, finish
+
+    def admin_token(self) -> str | None:
+        token = self.secret("ADMIN_TOKEN")
+        if token and len(token) < MIN_ADMIN_TOKEN:
+            raise ConfigError(f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN} characters (got {len(token)}): "
+                              f"generate one with {TOKEN_HOWTO}")
+        return token or None
+
     def callback_token(self) -> str:
         token = self.required("WECOM_CALLBACK_TOKEN", "copy Token from the contact callback settings (接收事件服务器)")
         if not re.fullmatch(r"[A-Za-z0-9]{1,32}", token):
@@ -286,11 +337,21 @@ class _Reader:
         ids = []
         for part in raw.split(","):
             part = part.strip()
-            if not part.isdigit() or int(part) < 1:
+            if not re.fullmatch(r"[0-9]{1,12}", part) or int(part) < 1:
                 raise ConfigError(f"{name} must be positive integer department ids separated by commas "
                                   f"(got {part!r})")
             ids.append(int(part))
         return tuple(dict.fromkeys(ids))
+
+
+def _passwords(url: str) -> tuple[str, ...]:
+    """The password of a database URL as written and as decoded (%40 is @): either may show up in a message."""
+    match = re.match(r"^[^:/]+://[^:@/]*:([^@/]*)@", url or "")
+    if not match or not match.group(1):
+        return ()
+    from urllib.parse import unquote
+
+    return match.group(1), unquote(match.group(1))
 
 
 def mask(text: str, settings: Settings | None) -> str:

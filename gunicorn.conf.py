@@ -56,12 +56,25 @@ def on_starting(server):
             os.remove(stale)
 
 
+def _services(worker):
+    """The service parts create_app() built in this gunicorn worker (None if the app did not load)."""
+    return getattr(getattr(worker, "wsgi", None), "extensions", {}).get("wecom_mailer")
+
+
+def post_worker_init(worker):
+    """Each web process runs one delivery thread unless WORKER_IN_WEB=false; started here, after the
+    fork, so that create_app() itself starts no thread (tests, shells and `flask` commands build apps too)."""
+    parts = _services(worker)
+    if parts is not None and parts.settings.worker_in_web:
+        parts.start_worker()
+
+
 def worker_exit(server, worker):
     """Stop this web process's delivery thread while Python still runs normally: the message in flight
     finishes and the event's lease is released (once interpreter shutdown starts, thread pools refuse work)."""
-    delivery = getattr(getattr(worker, "wsgi", None), "extensions", {}).get("worker")
-    if delivery is not None:
-        delivery.shutdown()
+    parts = _services(worker)
+    if parts is not None:
+        parts.stop_worker()
 
 
 def child_exit(server, worker):

@@ -50,3 +50,5 @@ def setup(settings) -> None:
     root.setLevel(settings.log_level)
     # urllib3 logs full request URLs at DEBUG, access tokens included.
     logging.getLogger("urllib3").setLevel(max(logging.INFO, root.level))
+    # Alembic narrates each migration step; store/migrate.py logs one line per upgrade instead.
+    logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))

@@ -10,6 +10,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
+from store.schema import template_table
 from wecom import MEMBER_FIELDS, ContactChange
 
 # The original scenario's rows, bodies exactly as stored there: a two-character backslash-n.
@@ -33,22 +34,9 @@ class RenderError(Exception):
     """A template that cannot be rendered; the message names the placeholder and is safe to store."""
 
 
-def _template_table(name: str) -> sa.Table:
-    # Only the columns the original flow uses; an existing table may have more.
-    return sa.Table(
-        name, sa.MetaData(),
-        sa.Column("app", sa.String(64), nullable=False),
-        sa.Column("change_type", sa.String(64), nullable=False),
-        sa.Column("email_title", sa.String(255), nullable=False),
-        sa.Column("email_body", sa.Text, nullable=False),
-        sa.UniqueConstraint("app", "change_type", name=f"uq_{name}_app_change"[:64]),
-        mysql_charset="utf8mb4", mysql_engine="InnoDB",
-    )
-
-
 def load_template(engine: Engine, table: str, app: str, change_type: str) -> EmailTemplate | None:
     """The (title, body) row for `app` and `change_type`, or None; only reads (the database may be read-only)."""
-    t = _template_table(table)
+    t = template_table(table)
     query = (sa.select(t.c.email_title, t.c.email_body)
              .where(t.c.app == app, t.c.change_type == change_type).limit(1))
     with engine.connect() as conn:
@@ -59,10 +47,10 @@ def load_template(engine: Engine, table: str, app: str, change_type: str) -> Ema
 def seed_templates(engine: Engine, table: str, app: str) -> int:
     """Create the template table if missing and add the original rows `app` lacks; return rows added."""
     try:
-        return _seed_once(engine, _template_table(table), app)
+        return _seed_once(engine, template_table(table), app)
     except IntegrityError:
         # Another process inserted the same rows at the same moment: look again, once.
-        return _seed_once(engine, _template_table(table), app)
+        return _seed_once(engine, template_table(table), app)
 
 
 def _seed_once(engine: Engine, t: sa.Table, app: str) -> int:

@@ -20,7 +20,6 @@ from wechatpy.enterprise import WeChatClient
 from wechatpy.enterprise.crypto import WeChatCrypto
 from wechatpy.exceptions import WeChatClientException
 
-from outbox import TokenStore
 
 MEMBER_CHANGES = ("create_user", "update_user", "delete_user")
 _DIGITS = re.compile(r"[0-9]{1,12}")  # ASCII only: str.isdigit() accepts '²', which int() refuses
@@ -267,18 +266,36 @@ class _WeChatClient(WeChatClient):
         return self._handle_result(res)
 
 
+def token_key(corp_id: str, secret: str) -> str:
+    """The key an access token is stored under: a digest, so the secret itself is never stored."""
+    return hashlib.sha256(f"{corp_id}\0{secret}".encode()).hexdigest()[:64]
+
+
+class MemoryTokens:
+    """Access tokens kept in this process only (store/tokens.py shares them between processes)."""
+
+    def __init__(self):
+        self.tokens: dict[str, tuple[str, float]] = {}
+
+    def get(self, key: str) -> tuple[str, float] | None:
+        return self.tokens.get(key)
+
+    def put(self, key: str, token: str, expires_at: float) -> None:
+        self.tokens[key] = (token, expires_at)
+
+
 class WeComClient:
     """The WeCom server API: an access token shared through `token_store`, and department members."""
 
-    def __init__(self, settings, token_store, observe=None, timeout: tuple[float, float] | None = None):
+    def __init__(self, settings, token_store=None, observe=None, timeout: tuple[float, float] | None = None):
         # (connect, read) seconds; the read timeout is WECOM_TIMEOUT_SECONDS (default 15).
         timeout = timeout or (min(5.0, settings.wecom_timeout), settings.wecom_timeout)
         self.api_base = settings.api_base
-        self.token_store = token_store
+        self.token_store = token_store or MemoryTokens()
         self.observe = observe or (lambda api, errcode: None)
         self.timeout = timeout
         self._secret = settings.contact_secret
-        self._key = TokenStore.key_for(settings.corp_id, settings.contact_secret)
+        self._key = token_key(settings.corp_id, settings.contact_secret)
         self._wechat = _WeChatClient(settings.corp_id, settings.contact_secret, settings.api_base, timeout)
         # watched department → the department ids its last listing covered (itself and, with fetch_child,
         # its descendants): the scope check matches an event's Department list against these.

@@ -74,11 +74,11 @@ def settings_for(env: dict[str, str]):
 
 def prepare_state(database_url: str) -> None:
     """State tables and the original template rows, as `init-db --seed-templates` makes them."""
-    import outbox
     import templates_repo
+    from store import db, migrate
 
-    engine = outbox.make_engine(database_url)
-    outbox.init_schema(engine)
+    engine = db.make_engine(database_url)
+    migrate.upgrade(engine)
     templates_repo.seed_templates(engine, "ipaas_email_template", "tencent-wechat")
     engine.dispose()
 
@@ -166,7 +166,7 @@ class Service:
 
 
 def free_port() -> int:
-    from bench.sink import free_port as port
+    from devtools.ports import free_port as port
 
     return port()
 

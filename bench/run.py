@@ -196,7 +196,7 @@ def _ingest_rows(run: Run, label: str, measured: dict, floor: dict) -> None:
 # --- 2. fan-out -----------------------------------------------------------------------------------
 
 def fanout(run: Run) -> None:
-    from wecom_standin import make_members
+    from devtools.wecom_standin import make_members
 
     with h.database("commit") as url:
         latency = h.commit_latency(url)
@@ -274,7 +274,7 @@ def _floor_rate(run: Run, messages, connections: int, per_message: bool = False)
 
 def _start_worker(run: Run, url: str, size: int, overrides: dict) -> dict:
     """A `flask worker` process (counted) on its own database, its member snapshot taken."""
-    import outbox
+    from store import db, outbox, schema
 
     h.prepare_state(url)
     stats_dir = h.OUT / f"stats-{url.rsplit('/', 1)[1]}"
@@ -282,8 +282,8 @@ def _start_worker(run: Run, url: str, size: int, overrides: dict) -> dict:
     stats_dir.mkdir(parents=True)
     env = h.service_env(url, run.standin.api_base, run.sink.port, BENCH_STATS_DIR=stats_dir, **overrides)
     service = h.Service.worker(env, f"worker-{url.rsplit('/', 1)[1]}")
-    engine = outbox.make_engine(url)
-    snapshot = sa.select(outbox.department_snapshots.c.member_count)
+    engine = db.make_engine(url)
+    snapshot = sa.select(schema.department_snapshots.c.member_count)
     h.wait_for(lambda: _scalar(engine, snapshot) == size, 120, 0.1, "the worker's member snapshot")
     return {"service": service, "engine": engine, "stats_dir": stats_dir}
 
@@ -295,7 +295,7 @@ def _scalar(engine, query):
 
 def _service_rate(run: Run, worker: dict, size: int, tag: str) -> tuple[float, dict]:
     """Record one event for the watched department; mails/s at the sink, and the worker's statements."""
-    import outbox
+    from store import db, outbox, schema
     import wecom
 
     before = h.read_stats(worker["stats_dir"])
@@ -306,7 +306,7 @@ def _service_rate(run: Run, worker: dict, size: int, tag: str) -> tuple[float, d
     if not run.sink.wait(size, 60 + size * 0.02):
         raise RuntimeError(f"the sink got {run.sink.count} of {size} mails from the service")
     rate = run.sink.rate()
-    status = sa.select(outbox.events.c.status).where(outbox.events.c.id == event_id)
+    status = sa.select(schema.events.c.status).where(schema.events.c.id == event_id)
     h.wait_for(lambda: _scalar(worker["engine"], status) == "done", 60, 0.05, "the event to finish")
     cpu = (h.cpu_seconds(worker["service"].proc.pid) - cpu_before) / size * 1e6  # expansion included
     time.sleep(0.5)  # the counter file is rewritten every 0.2 s
@@ -331,7 +331,7 @@ def _stats_delta(before: list[dict], after: list[dict], callbacks: int = 0) -> d
 # --- 3. end to end ----------------------------------------------------------------------------------
 
 def end_to_end(run: Run) -> None:
-    from wecom_standin import make_members
+    from devtools.wecom_standin import make_members
 
     floor_rate = max((v["floor1"] for k, v in run.floors.items() if k.startswith("fanout")), default=None)
     floor_answer = run.floors.get("ingest", {}).get("serial", {}).get("p50_ms")
@@ -348,16 +348,16 @@ def end_to_end(run: Run) -> None:
             port = h.free_port()
             say(f"end to end: {size} members, gunicorn on :{port}")
             with h.Service.gunicorn("bench.instrumented:create_app()", env, port, f"e2e-{size}") as service:
-                import outbox
+                from store import db, outbox, schema
 
-                engine = outbox.make_engine(url)
-                snapshot = sa.select(outbox.department_snapshots.c.member_count)
+                engine = db.make_engine(url)
+                snapshot = sa.select(schema.department_snapshots.c.member_count)
                 h.wait_for(lambda: _scalar(engine, snapshot) == size, 120, 0.1, "the member snapshot")
                 _serial_latency(port, 50, f"warm{size}x")  # both workers past their first requests
                 time.sleep(0.5)
                 before = h.read_stats(stats_dir, service.pids)
                 result = _one_event(run, port, size)
-                event = sa.select(outbox.events.c.status).where(outbox.events.c.user_id == "user0001")
+                event = sa.select(schema.events.c.status).where(schema.events.c.user_id == "user0001")
                 h.wait_for(lambda: _scalar(engine, event) == "done", 60, 0.05, "the event to finish")
                 time.sleep(0.5)
                 after = h.read_stats(stats_dir, service.pids)
@@ -415,7 +415,7 @@ def _one_event(run: Run, port: int, size: int) -> dict:
 # --- 4. growth ------------------------------------------------------------------------------------
 
 def growth(run: Run) -> None:
-    from wecom_standin import make_members
+    from devtools.wecom_standin import make_members
 
     rows, size = run.args.growth_rows, 1000
     run.standin.set_members(h.DEPARTMENT, make_members(size, h.DEPARTMENT))
@@ -597,7 +597,7 @@ def main() -> int:
     if "ingest" in args.only or "growth" in args.only:
         if not shutil.which("wrk"):
             parser.error("wrk is not installed: apt-get install wrk")
-    from wecom_standin import WeComStandIn
+    from devtools.wecom_standin import WeComStandIn
 
     h.OUT.mkdir(parents=True, exist_ok=True)
     _clean_out(logs=True)  # the previous run's files: bench/out holds one run at a time

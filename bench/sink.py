@@ -13,7 +13,6 @@ import logging
 import mmap
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -81,16 +80,12 @@ def main() -> None:
     controller.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Sink:
     """Start with `with Sink() as sink:`; `reset()` before a run, `wait(n)` for n messages, `rate()` after."""
 
     def __init__(self):
+        from devtools.ports import free_port  # imported here: the sink process itself needs only aiosmtpd
+
         self.port = free_port()
         fd, self._path = tempfile.mkstemp(prefix="wmbench-sink-")
         os.write(fd, bytes(LAYOUT.size))

@@ -7,35 +7,36 @@ import pytest
 import sqlalchemy as sa
 
 import config
-import outbox
-from addressbook import CHUNK, ImportResult, import_csv, is_valid_address, resolve
-from conftest import base_env
+from store import db, migrate, schema
+from mailer import address_problem
+from store.addressbook import CHUNK, ImportResult, import_csv, resolve
+from support import base_env
 from wecom import Member
 
 
 @pytest.fixture
 def state(sqlite_url):
-    engine = outbox.make_engine(sqlite_url)
-    outbox.init_schema(engine)
+    engine = db.make_engine(sqlite_url)
+    migrate.upgrade(engine)
     return engine
 
 
 @pytest.fixture
 def db_state(db_url):
-    engine = outbox.make_engine(db_url)
-    outbox.init_schema(engine)
+    engine = db.make_engine(db_url)
+    migrate.upgrade(engine)
     return engine
 
 
 def book(engine, **emails):
     with engine.begin() as conn:
-        conn.execute(outbox.address_book.insert(),
+        conn.execute(schema.address_book.insert(),
                      [{"userid": u, "email": e, "updated_at": time.time()} for u, e in emails.items()])
 
 
 def book_rows(engine) -> dict[str, str]:
     with engine.connect() as conn:
-        return dict(conn.execute(sa.select(outbox.address_book.c.userid, outbox.address_book.c.email)).all())
+        return dict(conn.execute(sa.select(schema.address_book.c.userid, schema.address_book.c.email)).all())
 
 
 def settings(**env):
@@ -89,8 +90,8 @@ def test_no_members_no_query(state):
     ("a,b@corp.example", False),
     ("x" * 65 + "@corp.example", False),
 ])
-def test_is_valid_address(address, valid):
-    assert is_valid_address(address) is valid
+def test_one_address_rule_decides_what_the_address_book_keeps_and_what_is_sent(address, valid):
+    assert (address_problem(address) is None) is valid
 
 
 # --- import ---------------------------------------------------------------------------------

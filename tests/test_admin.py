@@ -7,12 +7,13 @@ import re
 import pytest
 import sqlalchemy as sa
 
-import outbox
+import services
+from store import schema
 import templates_repo
 import wecom
-from conftest import DEPARTMENT, TEST_CORP_ID, signed_post
+from support import DEPARTMENT, TEST_CORP_ID, signed_post
 
-TOKEN = "admin-token-for-tests-0123456789"
+TOKEN = "admin-token-for-tests-0123456789abcdef"
 CREATED_AT = 1700000000  # 2023-11-15 06:13:20 in Asia/Shanghai
 
 
@@ -46,7 +47,7 @@ def change(change_type="create_user", userid="user0003"):
 
 def delivery(engine, address):
     with engine.connect() as conn:
-        return conn.execute(sa.select(outbox.deliveries).where(outbox.deliveries.c.address == address)).one()
+        return conn.execute(sa.select(schema.deliveries).where(schema.deliveries.c.address == address)).one()
 
 
 @pytest.fixture
@@ -108,7 +109,7 @@ def test_cookie_is_secure_behind_https(admin_app, how):
 
 
 def test_forged_or_expired_cookie_is_not_a_session(admin_app, monkeypatch):
-    import admin
+    from ops import admin
 
     client = admin_app.test_client()
     log_in(client)
@@ -141,7 +142,7 @@ def test_pages_carry_no_secrets_and_forbid_scripts(admin_app):
     client = admin_app.test_client()
     login_page = client.get("/admin/login")
     log_in(client)
-    settings = admin_app.config["SETTINGS"]
+    settings = services.of(admin_app).settings
     for response in [login_page] + [client.get(p) for p in ("/admin/", "/admin/templates", "/admin/addresses")]:
         assert response.status_code == 200
         body = response.get_data(as_text=True)
@@ -237,13 +238,11 @@ def test_unknown_event_is_404(admin_app):
 # --- templates ---------------------------------------------------------------------------------
 
 def _template_engine(app):
-    from app import template_engine
-
-    return template_engine(app)
+    return services.of(app).template_engine
 
 
 def test_template_preview_renders_the_original_rows(admin_app):
-    settings = admin_app.config["SETTINGS"]
+    settings = services.of(admin_app).settings
     templates_repo.seed_templates(_template_engine(admin_app), settings.template_table, settings.template_app)
     client = admin_app.test_client()
     log_in(client)
@@ -256,7 +255,7 @@ def test_template_preview_renders_the_original_rows(admin_app):
 
 
 def test_template_render_error_is_shown_not_a_500(admin_app):
-    settings = admin_app.config["SETTINGS"]
+    settings = services.of(admin_app).settings
     engine = _template_engine(admin_app)
     templates_repo.seed_templates(engine, settings.template_table, settings.template_app)
     with engine.begin() as conn:

@@ -10,8 +10,9 @@ from urllib.parse import urlencode
 
 import pytest
 
+import services
 import wecom
-from conftest import TEST_AES_KEY, TEST_CORP_ID, TEST_TOKEN, event_rows, signed_post
+from support import TEST_AES_KEY, TEST_CORP_ID, TEST_TOKEN, event_rows, signed_post
 
 # A copy of shared/reference/crypto-vectors.json (known answers from WeCom's sample, docs and wechatpy).
 VECTORS = json.loads((Path(__file__).resolve().parent / "data" / "crypto-vectors.json").read_text())
@@ -48,7 +49,7 @@ def test_event_is_recorded_once_and_a_resend_is_a_noop(app, client, crypto):
     again = signed_post(client, crypto, CREATE)  # WeCom retries with the same plaintext
     assert (first.status_code, first.data) == (200, b"success")
     assert (again.status_code, again.data) == (200, b"success")
-    rows = event_rows(app.extensions["engine"])
+    rows = event_rows(services.of(app).engine)
     assert len(rows) == 1
     assert (rows[0].change_type, rows[0].user_id, rows[0].departments, rows[0].status) == \
         ("create_user", "zhangsan", "2,5", "pending")
@@ -58,7 +59,7 @@ def test_event_is_recorded_once_and_a_resend_is_a_noop(app, client, crypto):
 def test_other_events_are_answered_and_recorded_as_ignored(app, client, crypto):
     party = CREATE.replace("create_user", "create_party")
     assert signed_post(client, crypto, party).data == b"success"
-    [row] = event_rows(app.extensions["engine"])
+    [row] = event_rows(services.of(app).engine)
     assert row.status == "ignored" and "create_party" in row.reason
 
 
@@ -77,7 +78,7 @@ def test_concurrent_identical_callbacks_make_one_row(app, crypto):
     [t.start() for t in threads]
     [t.join(timeout=30) for t in threads]
     assert answers == [200] * 8
-    assert len(event_rows(app.extensions["engine"])) == 1
+    assert len(event_rows(services.of(app).engine)) == 1
 
 
 def test_unreachable_state_database_answers_503_so_wecom_retries(make_app, crypto):
@@ -172,7 +173,7 @@ def test_hostile_callbacks_get_a_4xx_and_record_nothing(app, client, crypto, cas
     response = client.post("/wecom/callback?" + urlencode(query), data=body, content_type="text/xml")
     assert response.status_code == status, response.data
     assert response.data.strip() and b"Traceback" not in response.data
-    assert event_rows(app.extensions["engine"]) == []
+    assert event_rows(services.of(app).engine) == []
 
 
 def test_url_check_with_a_wrong_signature_is_refused(client, crypto):

@@ -8,14 +8,16 @@ import sys
 import pytest
 import sqlalchemy as sa
 
-import outbox
+import services
+from store import schema
+from store.migrate import head_revision
 import wecom
-from conftest import (DEPARTMENT, ROOT, TEST_AES_KEY, TEST_CORP_ID, TEST_SECRET, TEST_TOKEN, base_env, free_port,
+from support import (DEPARTMENT, ROOT, TEST_AES_KEY, TEST_CORP_ID, TEST_SECRET, TEST_TOKEN, base_env, free_port,
                       signed_post)
-from wecom_standin import WeComStandIn, make_members
+from devtools.wecom_standin import WeComStandIn, make_members
 
 SMTP_PASSWORD = "smtp-authorisation-code-7f3a9c"
-ADMIN_TOKEN = "admin-token-5d1e8b2c4a"
+ADMIN_TOKEN = "admin-token-5d1e8b2c4a0f9e8d7c6b5a4f3e2d1c0b"
 SECRETS = (TEST_SECRET, TEST_TOKEN, TEST_AES_KEY, SMTP_PASSWORD, ADMIN_TOKEN)
 
 
@@ -48,7 +50,7 @@ def test_check_against_a_working_setup_passes_every_line(service, service_env, t
     lines = result.stdout.splitlines()
     assert result.returncode == 0, output(result)
     assert len(lines) == 5 and all(line.startswith("✓ ") for line in lines), result.stdout
-    assert "reachable, schema version" in lines[0]
+    assert "reachable, schema revision" in lines[0]
     assert "a row for each of create_user, update_user, delete_user" in lines[1]
     assert lines[2] == "✓ WeCom gettoken: access token obtained"
     assert lines[3] == f"✓ WeCom department {DEPARTMENT}: 5 member(s), every one with an address"
@@ -111,7 +113,7 @@ def test_check_counts_the_members_without_an_address(tmp_path):
 
 
 def test_check_reports_a_refused_smtp_login_without_the_password(tmp_path):
-    from smtpd import SmtpSink
+    from support.smtp_server import SmtpSink
 
     with WeComStandIn(TEST_CORP_ID, TEST_SECRET, {DEPARTMENT: make_members(2, DEPARTMENT)}) as api, \
             SmtpSink(auth={"it@corp.example": "the-right-code"}) as sink:
@@ -129,11 +131,11 @@ def test_check_reports_a_refused_smtp_login_without_the_password(tmp_path):
     (("create_user", "update_user", "delete_user"), True, "a row for each of create_user, update_user, delete_user"),
 ], ids=["no table", "a row missing", "complete"])
 def test_check_template_rows(make_app, db_url, rows_present, ok, says):
-    import checks
     import templates_repo
+    from ops import checks
 
     app = make_app(DATABASE_URL=db_url)
-    settings, engine = app.config["SETTINGS"], app.extensions["engine"]
+    settings, engine = services.of(app).settings, services.of(app).engine
     if rows_present is not None:
         templates_repo.seed_templates(engine, settings.template_table, settings.template_app)
         with engine.begin() as conn:
@@ -183,7 +185,7 @@ def test_status_lists_recent_events_with_counts_and_failure_reasons(history):
 
 
 def test_status_of_one_event_lists_its_deliveries(history):
-    update_id = rows(history.engine, outbox.events)[1].id
+    update_id = rows(history.engine, schema.events)[1].id
     code, text = cli(history, "status", "--event", str(update_id))
     assert code == 0
     lines = text.splitlines()
@@ -196,16 +198,16 @@ def test_status_of_one_event_lists_its_deliveries(history):
 
 
 def test_retry_one_event_requeues_its_failed_delivery_and_the_worker_sends_it(history, smtp_sink):
-    update_id = rows(history.engine, outbox.events)[1].id
+    update_id = rows(history.engine, schema.events)[1].id
     code, text = cli(history, "retry", str(update_id))
     assert (code, text.strip()) == (0, "Requeued 0 event(s) and 1 delivery(ies).")
-    refused = next(d for d in rows(history.engine, outbox.deliveries) if d.userid == "user0001"
+    refused = next(d for d in rows(history.engine, schema.deliveries) if d.userid == "user0001"
                    and d.event_id == update_id)
     assert refused.status == "retry" and refused.attempts == 0
     history.drain()
     assert smtp_sink.wait_for(10)
     assert smtp_sink.messages[-1]["X-RcptTo"] == "user0001@corp.example"
-    assert {d.status for d in rows(history.engine, outbox.deliveries) if d.event_id == update_id} == {"sent"}
+    assert {d.status for d in rows(history.engine, schema.deliveries) if d.event_id == update_id} == {"sent"}
     # Nothing failed any more in that event.
     code, text = cli(history, "retry", str(update_id))
     assert code == 1 and f"event {update_id}: nothing to retry" in text
@@ -214,12 +216,12 @@ def test_retry_one_event_requeues_its_failed_delivery_and_the_worker_sends_it(hi
 def test_retry_failed_requeues_every_failure_and_the_worker_delivers(history, smtp_sink, standin):
     code, text = cli(history, "retry", "--failed")
     assert (code, text.strip()) == (0, "Requeued 1 event(s) and 1 delivery(ies).")
-    events = rows(history.engine, outbox.events)
+    events = rows(history.engine, schema.events)
     assert events[2].status == "pending" and events[2].reason == "requeued"
     history.drain()  # WeCom answers normally again: the delete_user event goes to all five
     assert smtp_sink.wait_for(15)
-    assert [e.status for e in rows(history.engine, outbox.events)] == ["done"] * 3
-    assert not [d for d in rows(history.engine, outbox.deliveries) if d.status != "sent"]
+    assert [e.status for e in rows(history.engine, schema.events)] == ["done"] * 3
+    assert not [d for d in rows(history.engine, schema.deliveries) if d.status != "sent"]
     assert cli(history, "retry", "--failed")[1].strip() == "Requeued 0 event(s) and 0 delivery(ies)."
 
 
@@ -349,11 +351,11 @@ def test_init_db_with_templates_is_idempotent(make_app, db_url):
     app = make_app(DATABASE_URL=db_url)
     code, text = cli(app, "init-db", "--seed-templates")
     assert code == 0
-    assert text.splitlines() == ["Initialized the state database.",
+    assert text.splitlines() == [f"Initialized the state database (schema revision {head_revision()}).",
                                  "Template table ipaas_email_template: 3 row(s) added for app tencent-wechat."]
     code, text = cli(app, "init-db", "--seed-templates")
     assert code == 0
-    assert text.splitlines() == ["Initialized the state database.",
+    assert text.splitlines() == [f"Initialized the state database (schema revision {head_revision()}).",
                                  "Template table ipaas_email_template: 0 row(s) added for app tencent-wechat."]
     engine = sa.create_engine(db_url)
     with engine.connect() as conn:
@@ -371,7 +373,6 @@ HELP = {
     "status": ["Recent events", "--event", "--limit"],
     "retry": ["EVENT_ID", "--failed", "Requeue"],
     "import-addresses": ["userid,email", "帐号", "邮箱", "address book"],
-    "demo": ["embedded defaults", "make demo"],
 }
 
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 import config
-from conftest import ROOT, TEST_AES_KEY, TEST_SECRET, TEST_TOKEN, base_env
+from support import ROOT, TEST_AES_KEY, TEST_SECRET, TEST_TOKEN, base_env
 
 BAD = [
     # (variable, value or None to unset, words the message must contain)
@@ -82,7 +82,7 @@ def test_secrets_can_come_from_files(tmp_path):
 
 
 def test_settings_repr_hides_secrets():
-    text = repr(config.from_env(base_env(SMTP_PASSWORD="hunter2-authcode", ADMIN_TOKEN="admintokenvalue")))
+    text = repr(config.from_env(base_env(SMTP_PASSWORD="hunter2-authcode", ADMIN_TOKEN="admintokenvalue-0123456789abcdefghij")))
     for secret in (TEST_SECRET, TEST_TOKEN, TEST_AES_KEY, "hunter2-authcode", "admintokenvalue"):
         assert secret not in text
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-import outbox
+from store import schema
 import wecom
-from conftest import DEPARTMENT, TEST_CORP_ID, event_rows, signed_post, wait_until
-from wecom_standin import make_members
+from support import DEPARTMENT, TEST_CORP_ID, event_rows, signed_post, wait_until
+from devtools.wecom_standin import make_members
 
 CREATED_AT = 1700000000  # 2023-11-15 06:13:20 in Asia/Shanghai
 
@@ -22,7 +22,7 @@ def text(message) -> str:
 
 def delivery_rows(engine):
     with engine.connect() as conn:
-        return conn.execute(sa.select(outbox.deliveries).order_by(outbox.deliveries.c.id)).all()
+        return conn.execute(sa.select(schema.deliveries).order_by(schema.deliveries.c.id)).all()
 
 
 EXPECTED = {

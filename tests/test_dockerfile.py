@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, base_env, free_port
+from support import ROOT, base_env, free_port
+from support.imports import graph, project_modules, reachable
 
 DOCKERFILE = ROOT / "Dockerfile"
 
@@ -133,9 +134,9 @@ def _matches(path: str, pattern: str) -> bool:
     return len(want) == len(have) and all(fnmatch.fnmatchcase(h, w) for h, w in zip(have, want))
 
 
-def context_files(source: str) -> list[tuple[Path, str]]:
+def context_files(source: str, patterns: list[str] | None = None) -> list[tuple[Path, str]]:
     """(file in the build context, its path relative to the source) for one COPY source."""
-    patterns = dockerignore_patterns()
+    patterns = dockerignore_patterns() if patterns is None else patterns
     matches = sorted(ROOT.glob(source.rstrip("/"))) if any(c in source for c in "*?[") else [ROOT / source]
     files = []
     for match in matches:
@@ -153,7 +154,7 @@ def context_files(source: str) -> list[tuple[Path, str]]:
     return files
 
 
-def copied_into(stage: Stage) -> dict[str, Path]:
+def copied_into(stage: Stage, patterns: list[str] | None = None) -> dict[str, Path]:
     """Image path → context file, for every COPY of the context (not --from) in the stage."""
     image: dict[str, Path] = {}
     workdir = "/"
@@ -167,7 +168,7 @@ def copied_into(stage: Stage) -> dict[str, Path]:
             continue
         dest = dest if dest.startswith("/") else f"{workdir.rstrip('/')}/{dest}"
         for source in sources:
-            for path, relative in context_files(source):
+            for path, relative in context_files(source, patterns):
                 if dest.endswith("/"):
                     target = dest + (relative if (ROOT / source).is_dir() or source.endswith("/") else path.name)
                 else:
@@ -176,44 +177,22 @@ def copied_into(stage: Stage) -> dict[str, Path]:
     return image
 
 
-def _imports_of(path: Path) -> set[str]:
-    """Top-level names of every import in one file, at module level or inside functions."""
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.Import):
-            names.update(alias.name.split(".")[0] for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module.split(".")[0])
-    return names
+def image_files(stage: Stage, patterns: list[str] | None = None) -> set[str]:
+    """What the stage COPYs from the context, relative to its WORKDIR (e.g. store/outbox.py)."""
+    workdir = stage.workdir().rstrip("/") + "/"
+    return {p.removeprefix(workdir) for p in copied_into(stage, patterns) if p.startswith(workdir)}
 
 
-def imported_top_level_modules(start: str, available: set[str]) -> set[str]:
-    """The top-level modules of this repository that `start` imports, directly or through each other,
-    at module level or inside functions (cli.py imports its helpers lazily)."""
-    seen: set[str] = set()
-    queue = [start]
-    while queue:
-        name = queue.pop()
-        if name in seen or name not in available:
-            continue
-        seen.add(name)
-        queue.extend(_imports_of(ROOT / f"{name}.py"))
-    return seen
-
-
-def top_level_modules() -> set[str]:
-    return {p.stem for p in ROOT.glob("*.py") if p.name != "gunicorn.conf.py"}
-
-
-def missing_modules(stage: Stage) -> list[str]:
-    """Modules app.py, gunicorn.conf.py or the healthcheck import that the stage does not COPY into its WORKDIR."""
-    workdir = stage.workdir().rstrip("/")
-    copied = {Path(p).name for p in copied_into(stage) if str(Path(p).parent) == workdir}
-    available = top_level_modules()
-    wanted = {"healthcheck"} | imported_top_level_modules("app", available)
-    for name in _imports_of(ROOT / "gunicorn.conf.py"):
-        wanted |= imported_top_level_modules(name, available)
-    return sorted(f"{name}.py" for name in wanted if f"{name}.py" not in copied)
+def missing_modules(stage: Stage, patterns: list[str] | None = None) -> list[str]:
+    """Modules that app.py, gunicorn.conf.py or the healthcheck import (through each other) and the image lacks."""
+    edges = graph()
+    modules = project_modules()
+    wanted = reachable({"app", "healthcheck"}, edges)
+    gunicorn_conf = ast.parse((ROOT / "gunicorn.conf.py").read_text(encoding="utf-8"))
+    wanted |= reachable({a.name for n in ast.walk(gunicorn_conf) if isinstance(n, ast.Import) for a in n.names},
+                        edges)
+    files = image_files(stage, patterns)
+    return sorted(rel for rel in (modules[name].relative_to(ROOT).as_posix() for name in wanted) if rel not in files)
 
 
 @pytest.fixture(scope="module")
@@ -256,16 +235,26 @@ def test_the_healthcheck_is_the_stdlib_probe_of_healthz(stages):
 def test_every_module_app_py_imports_is_copied(stages):
     final = stages[-1]
     missing = missing_modules(final)
-    assert not missing, (f"the service imports {', '.join(missing)} but the Dockerfile does not COPY "
-                         f"{'it' if len(missing) == 1 else 'them'}: add to the COPY list of the final stage")
-    copied = {Path(p).name for p in copied_into(final)}
-    assert "gunicorn.conf.py" in copied, "gunicorn reads gunicorn.conf.py from the working directory"
+    assert not missing, (f"the service imports {', '.join(missing)} but the image does not get "
+                         f"{'it' if len(missing) == 1 else 'them'}: let it in through .dockerignore")
+    files = image_files(final)
+    assert "gunicorn.conf.py" in files, "gunicorn reads gunicorn.conf.py from the working directory"
+    assert {"store/migrations/env.py", "store/migrations/versions/0001_initial.py"} <= files
 
 
-def test_a_module_left_out_of_the_copy_list_is_named(stages):
-    """The guard above works: drop outbox.py from the COPY line and it is reported."""
-    text = DOCKERFILE.read_text(encoding="utf-8").replace(" outbox.py", "", 1)
-    assert missing_modules(parse_dockerfile(text)[-1]) == ["outbox.py"]
+def test_a_module_left_out_of_the_image_is_named(stages):
+    """The guard above works: keep store/outbox.py out of the context and it is reported."""
+    patterns = dockerignore_patterns() + ["store/outbox.py"]
+    assert missing_modules(stages[-1], patterns) == ["store/outbox.py"]
+
+
+def test_the_image_holds_no_stand_in_demo_tests_or_benchmarks(stages):
+    files = image_files(stages[-1])
+    assert files, "the final stage copies the service"
+    strays = sorted(f for f in files if f.split("/")[0] in ("devtools", "tests", "bench", "docs")
+                    or Path(f).name in ("wecom_standin.py", "demo.py", "pyproject.toml"))
+    assert not strays, f"the image would ship development code: {strays}"
+    assert "app.py" in files and "store/outbox.py" in files
 
 
 def test_dockerignore_keeps_secrets_and_local_state_out_of_the_context():
@@ -392,7 +381,7 @@ def test_the_build_installs_and_the_cmd_starts_healthy(stages, tmp_path):
         flask = [shutil.which("flask", path=env["PATH"]), "--app", "app", "init-db", "--seed-templates"]
         seeded = subprocess.run(flask, cwd=app_dir, env=env, capture_output=True, text=True, timeout=60)
         assert seeded.returncode == 0, seeded.stderr
-        assert "Initialized the state database." in seeded.stdout
+        assert "Initialized the state database (schema revision" in seeded.stdout
     finally:
         process.terminate()
         try:

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 
 import templates_repo
 import wecom
-from conftest import DEPARTMENT, TEST_CORP_ID, TEST_SECRET, base_env, wait_until
+from support import DEPARTMENT, TEST_CORP_ID, TEST_SECRET, base_env, wait_until
 
 
 def json_lines(text: str) -> list[dict]:
@@ -89,7 +89,7 @@ def test_a_traceback_stays_inside_its_json_line_and_secrets_are_masked(make_app,
         raise RuntimeError("boom")
     except RuntimeError:
         log.exception("round failed with secret %s", TEST_SECRET)
-    (entry,) = json_lines(service_logging_in_capfd.readouterr().err)
+    (entry,) = [e for e in json_lines(service_logging_in_capfd.readouterr().err) if e["logger"] == "wecom_mailer.test"]
     assert entry["level"] == "ERROR" and entry["logger"] == "wecom_mailer.test"
     assert entry["message"] == "round failed with secret ***"
     assert "Traceback" in entry["exc"] and "RuntimeError: boom" in entry["exc"]

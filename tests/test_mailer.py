@@ -14,9 +14,9 @@ import trustme
 
 import config
 import mailer
-from conftest import base_env
+from support import base_env
 from mailer import Outgoing, SendResult
-from smtpd import SmtpSink, free_port
+from support.smtp_server import SmtpSink, free_port
 
 PASSWORD = "s3cret-Auth-Code"
 

@@ -5,7 +5,7 @@ from urllib.parse import urlencode
 import requests
 
 import wecom
-from conftest import TEST_CORP_ID, base_env
+from support import TEST_CORP_ID, base_env
 
 
 def _sample(text: str, name: str, **labels) -> float:

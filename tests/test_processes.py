@@ -9,11 +9,11 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-import outbox
+from store import db, migrate, schema
 import templates_repo
 import wecom
-from conftest import DEPARTMENT, TEST_CORP_ID, base_env, wait_until
-from wecom_standin import make_members
+from support import DEPARTMENT, TEST_CORP_ID, base_env, wait_until
+from devtools.wecom_standin import make_members
 
 pytestmark = pytest.mark.slow
 
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture
 def mysql_service_env(standin, smtp_sink, mysql_url, tmp_path):
     """A complete environment on MariaDB, with the original templates seeded."""
-    engine = outbox.make_engine(mysql_url)
-    outbox.init_schema(engine)
+    engine = db.make_engine(mysql_url)
+    migrate.upgrade(engine)
     templates_repo.seed_templates(engine, "ipaas_email_template", "tencent-wechat")
     engine.dispose()
     return base_env(WECOM_API_BASE=standin.api_base, DATABASE_URL=mysql_url, MAIL_BACKEND="smtp",
@@ -78,6 +78,6 @@ def _snapshot_taken(url: str) -> bool:
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
-            return bool(conn.execute(sa.select(sa.func.count()).select_from(outbox.department_snapshots)).scalar())
+            return bool(conn.execute(sa.select(sa.func.count()).select_from(schema.department_snapshots)).scalar())
     finally:
         engine.dispose()

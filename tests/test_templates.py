@@ -8,8 +8,8 @@ import pytest
 import sqlalchemy as sa
 
 import config
-import outbox
-from conftest import TEST_CORP_ID, base_env
+from store import db
+from support import TEST_CORP_ID, base_env
 from templates_repo import (ORIGINAL_ROWS, EmailTemplate, RenderError, event_values, load_template,
                             render, render_email, seed_templates)
 from wecom import ContactChange, event_xml, parse_event
@@ -108,7 +108,7 @@ def test_anything_but_a_plain_known_name_is_a_render_error(text, named):
 # --- storage ---------------------------------------------------------------------------------
 
 def test_seed_is_idempotent_and_load_reads_it(db_url):
-    engine = outbox.make_engine(db_url)
+    engine = db.make_engine(db_url)
     assert seed_templates(engine, TABLE, APP) == 3
     assert seed_templates(engine, TABLE, APP) == 0
     with engine.connect() as conn:
@@ -120,7 +120,7 @@ def test_seed_is_idempotent_and_load_reads_it(db_url):
 
 
 def test_load_filters_by_app_and_change_type(db_url):
-    engine = outbox.make_engine(db_url)
+    engine = db.make_engine(db_url)
     seed_templates(engine, "mail_templates", "other-app")
     assert load_template(engine, "mail_templates", APP, "create_user") is None
     assert load_template(engine, "mail_templates", "other-app", "update_party") is None
@@ -129,7 +129,7 @@ def test_load_filters_by_app_and_change_type(db_url):
 
 
 def test_seed_fills_in_a_preexisting_table_without_a_unique_key(db_url):
-    engine = outbox.make_engine(db_url)
+    engine = db.make_engine(db_url)
     mysql = engine.dialect.name == "mysql"
     with engine.begin() as conn:  # an original table: surrogate key, no unique (app, change_type)
         conn.execute(sa.text(f"CREATE TABLE {TABLE} (id INTEGER PRIMARY KEY{' AUTO_INCREMENT' if mysql else ''}, "
@@ -144,7 +144,7 @@ def test_seed_fills_in_a_preexisting_table_without_a_unique_key(db_url):
 
 
 def test_seeded_table_is_utf8mb4_in_a_latin1_database(mysql_url):
-    engine = outbox.make_engine(mysql_url)
+    engine = db.make_engine(mysql_url)
     with engine.begin() as conn:
         conn.execute(sa.text(f"ALTER DATABASE `{engine.url.database}` CHARACTER SET latin1"))
     seed_templates(engine, TABLE, APP)
@@ -152,7 +152,7 @@ def test_seeded_table_is_utf8mb4_in_a_latin1_database(mysql_url):
 
 
 def test_concurrent_seeding_adds_each_row_once(db_url):
-    engines = [outbox.make_engine(db_url) for _ in range(6)]
+    engines = [db.make_engine(db_url) for _ in range(6)]
     with ThreadPoolExecutor(len(engines)) as pool:
         added = list(pool.map(lambda engine: seed_templates(engine, TABLE, APP), engines))
     assert sum(added) == 3

@@ -9,10 +9,11 @@ import pytest
 import requests
 
 import config
-import outbox
-from conftest import ROOT, TEST_CORP_ID, TEST_SECRET, base_env
+import wecom
+from store import db, migrate, tokens
+from support import ROOT, TEST_CORP_ID, TEST_SECRET, base_env
 from wecom import Member, WeComClient, WeComError
-from wecom_standin import WeComStandIn, make_members
+from devtools.wecom_standin import WeComStandIn, make_members
 
 
 class MemoryTokenStore:
@@ -262,16 +263,16 @@ def test_observe_sees_every_http_call_with_its_outcome(wecom_api):
 
 
 def test_token_is_shared_through_the_state_database(wecom_api, db_url):
-    engine = outbox.make_engine(db_url)
-    outbox.init_schema(engine)
+    engine = db.make_engine(db_url)
+    migrate.upgrade(engine)
 
-    make_client(wecom_api, outbox.TokenStore(engine)).list_members([2])
-    make_client(wecom_api, outbox.TokenStore(engine)).list_members([7])
+    make_client(wecom_api, tokens.TokenStore(engine)).list_members([2])
+    make_client(wecom_api, tokens.TokenStore(engine)).list_members([7])
     wecom_api.expire_tokens()
-    assert len(make_client(wecom_api, outbox.TokenStore(engine)).list_members([2])[2]) == 5
+    assert len(make_client(wecom_api, tokens.TokenStore(engine)).list_members([2])[2]) == 5
 
     assert wecom_api.calls["gettoken"] == 2
-    stored = outbox.TokenStore(engine).get(outbox.TokenStore.key_for(TEST_CORP_ID, TEST_SECRET))
+    stored = tokens.TokenStore(engine).get(wecom.token_key(TEST_CORP_ID, TEST_SECRET))
     assert stored is not None and stored[1] > time.time() + 7000
 
 
@@ -282,9 +283,9 @@ def test_a_ten_thousand_member_department_is_listed(wecom_api):
 
 
 def test_standin_command_serves_until_sigterm():
-    command = [sys.executable, str(ROOT / "wecom_standin.py"), "--corp-id", TEST_CORP_ID,
+    command = [sys.executable, "-m", "devtools.wecom_standin", "--corp-id", TEST_CORP_ID,
                "--secret", TEST_SECRET, "--department", "2", "--members", "5", "--port", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     try:
         line = process.stdout.readline().strip()
         assert line.startswith("WECOM_API_BASE=http://127.0.0.1:")

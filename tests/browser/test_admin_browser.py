@@ -10,15 +10,15 @@ import requests
 import sqlalchemy as sa
 
 import config
-import outbox
+from store import db, schema
 import templates_repo
 import wecom
-from conftest import DEPARTMENT, TEST_CORP_ID, wait_until
+from support import DEPARTMENT, TEST_CORP_ID, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run", "--disable-quic"]
-TOKEN = "browser-admin-token-0123456789"
+TOKEN = "browser-admin-token-0123456789abcdef"
 REJECTED = "user0003@corp.example"
 
 
@@ -58,7 +58,7 @@ def failed_event(processes, service_env, smtp_sink, crypto):
     """
     env = {**service_env, "ADMIN_TOKEN": TOKEN, "WORKER_IN_WEB": "true"}
     settings = config.from_env(env)
-    engine = outbox.make_engine(settings.database_url)
+    engine = db.make_engine(settings.database_url)
     templates_repo.seed_templates(engine, settings.template_table, settings.template_app)
     smtp_sink.reject(REJECTED, "550 5.1.1 no such user")
     _, base = processes.gunicorn(env)
@@ -70,9 +70,9 @@ def failed_event(processes, service_env, smtp_sink, crypto):
 
     def failed_row():
         with engine.connect() as conn:
-            return conn.execute(sa.select(outbox.deliveries)
-                                .where(outbox.deliveries.c.address == REJECTED,
-                                       outbox.deliveries.c.status == "failed")).first()
+            return conn.execute(sa.select(schema.deliveries)
+                                .where(schema.deliveries.c.address == REJECTED,
+                                       schema.deliveries.c.status == "failed")).first()
     row = wait_until(failed_row, timeout=30)
     assert row is not None, "the in-process worker did not record the 550 failure"
     assert smtp_sink.wait_for(4)  # the other four members got theirs
@@ -130,7 +130,7 @@ def test_log_in_see_the_failed_delivery_retry_it_and_see_it_sent(browser, failed
     assert smtp_sink.wait_for(5)
     assert [m["X-RcptTo"] for m in smtp_sink.messages].count(REJECTED) == 1
     with engine.connect() as conn:
-        status = conn.execute(sa.select(outbox.deliveries.c.status)
-                              .where(outbox.deliveries.c.id == delivery_id)).scalar_one()
+        status = conn.execute(sa.select(schema.deliveries.c.status)
+                              .where(schema.deliveries.c.id == delivery_id)).scalar_one()
     assert status == "sent"
     assert problems == []  # no script errors, nothing blocked by the Content-Security-Policy

@@ -19,10 +19,11 @@ import sqlalchemy as sa
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import outbox
+import services
+from store import db, migrate, outbox, schema
 import wecom
-from conftest import ROOT, TEST_AES_KEY, TEST_CORP_ID, TEST_SECRET, TEST_TOKEN
-from harness import (event_xml, figure, packet, post, prepare_database, reliability_env, rows, wait_for)
+from support import ROOT, TEST_AES_KEY, TEST_CORP_ID, TEST_SECRET, TEST_TOKEN
+from support.reliability import (event_xml, figure, packet, post, prepare_database, reliability_env, rows, wait_for)
 
 PATH = "/wecom/callback"
 # The same examples on every run (CI); FUZZ_EXAMPLES=5000 runs a longer, freshly random fuzz by hand.
@@ -87,7 +88,7 @@ def fuzz_app(make_app, mysql_url, standin, smtp_sink):
     prepare_database(mysql_url).dispose()
     app = make_app(**reliability_env(standin, smtp_sink, mysql_url))
     yield app
-    app.extensions["engine"].dispose()
+    services.of(app).engine.dispose()
 
 
 @pytest.mark.slow
@@ -127,7 +128,7 @@ def test_fuzzed_callbacks_never_get_a_5xx_and_never_leave_a_row(fuzz_app, crypto
         fuzz()
     figure("fuzz examples run", sum(seen.values()))
     figure("fuzz answers by status", dict(sorted(seen.items())))
-    assert rows(fuzz_app.extensions["engine"], outbox.events) == []
+    assert rows(services.of(fuzz_app).engine, schema.events) == []
     assert sum(seen.values()) >= 900 and set(seen) <= {400, 403, 405, 413, 200}  # 200: a decrypted echostr
 
 
@@ -156,9 +157,9 @@ def _odd_xml(e: dict) -> str:
 def test_authentic_events_with_odd_contents_are_recorded_whole_and_never_jam_the_worker(
         fuzz_app, crypto, smtp_sink):
     import app as app_module
-    import worker as delivery
+    from delivery import worker as delivery
 
-    client, engine = fuzz_app.test_client(), fuzz_app.extensions["engine"]
+    client, engine = fuzz_app.test_client(), services.of(fuzz_app).engine
     answered: collections.Counter = collections.Counter()
 
     @settings(FUZZ, max_examples=120)
@@ -171,37 +172,36 @@ def test_authentic_events_with_odd_contents_are_recorded_whole_and_never_jam_the
         assert response.status_code in (200, 400, 413), response.data
         if response.status_code == 200:
             with engine.connect() as conn:
-                stored = conn.execute(sa.select(outbox.events.c.xml)
-                                      .where(outbox.events.c.dedup_key == outbox.dedup_key(xml))).scalar_one()
+                stored = conn.execute(sa.select(schema.events.c.xml)
+                                      .where(schema.events.c.dedup_key == outbox.dedup_key(xml))).scalar_one()
             assert stored == xml  # recorded whole, never cut short
 
     authentic()
     figure("authentic odd events by answer", dict(sorted(answered.items())))
-    worker = delivery.Worker(fuzz_app.config["SETTINGS"], engine, engine, app_module.wecom_client(fuzz_app))
+    worker = services.of(fuzz_app).make_worker()
     worker.ensure_snapshots()
     for _ in range(500):  # bounded: one round per event and then some
         if not worker.run_once():
             break
-    statuses = collections.Counter(e.status for e in rows(engine, outbox.events))
+    statuses = collections.Counter(e.status for e in rows(engine, schema.events))
     figure("authentic odd events by final status", dict(statuses))
     assert answered[200] > 0 and set(statuses) <= {"done", "ignored", "failed", "skipped"}
 
 
 def test_a_schema_1_database_is_widened_and_its_cut_events_fail_visibly_instead_of_jamming(
         fuzz_app, crypto, smtp_sink):
-    import app as app_module
-    import worker as delivery
-    from conftest import signed_post
+    from support import signed_post
 
-    engine = fuzz_app.extensions["engine"]
+    engine = services.of(fuzz_app).engine
     with engine.begin() as conn:  # as schema 1 left it: 64 KB TEXT columns and one event cut short there
         conn.execute(sa.text("ALTER TABLE wm_events MODIFY xml TEXT NOT NULL, MODIFY subject TEXT, MODIFY body TEXT"))
-        conn.execute(outbox.events.insert(), {"dedup_key": "cut", "change_type": "create_user", "user_id": "cut",
+        conn.execute(sa.text("DROP TABLE alembic_version"))  # the hand-kept schema knew no Alembic
+        conn.execute(schema.events.insert(), {"dedup_key": "cut", "change_type": "create_user", "user_id": "cut",
                                               "xml": event_xml("cut")[:70], "status": "pending", "attempts": 0,
                                               "received_at": time.time(), "next_attempt_at": 0})
-    upgraded = outbox.make_engine(str(engine.url.render_as_string(hide_password=False)))
+    upgraded = db.make_engine(str(engine.url.render_as_string(hide_password=False)))
     try:
-        outbox.init_schema(upgraded)  # what the next start-up (or `flask init-db`) does
+        assert migrate.upgrade(upgraded) == migrate.head_revision()  # what the next start-up (or init-db) does
         with upgraded.connect() as conn:
             types = dict(conn.execute(sa.text(
                 "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = DATABASE() "
@@ -213,11 +213,11 @@ def test_a_schema_1_database_is_widened_and_its_cut_events_fail_visibly_instead_
     big = event_xml("user0001").replace("</xml>", "<Name>" + "名" * 30000 + "</Name></xml>")
     assert signed_post(fuzz_app.test_client(), crypto, big).data == b"success"
 
-    worker = delivery.Worker(fuzz_app.config["SETTINGS"], engine, engine, app_module.wecom_client(fuzz_app))
+    worker = services.of(fuzz_app).make_worker()
     for _ in range(10):
         if not worker.run_once():
             break
-    cut, whole = rows(engine, outbox.events)
+    cut, whole = rows(engine, schema.events)
     assert cut.status == "failed" and cut.reason == "stored event XML does not parse: body is not XML"
     assert whole.status == "done" and whole.xml == big and len(smtp_sink.messages) == 5
 
@@ -229,7 +229,7 @@ SMTP_USER, SMTP_PASSWORD = "mailer@corp.example", "Smtp-Passw0rd-never-logged"
 
 @pytest.mark.slow
 def test_debug_logs_of_a_full_run_carry_no_secret(standin, mysql_url, processes, crypto):
-    from smtpd import SmtpSink
+    from support.smtp_server import SmtpSink
 
     engine = prepare_database(mysql_url)
     with SmtpSink(auth={SMTP_USER: SMTP_PASSWORD}) as sink:
@@ -245,7 +245,7 @@ def test_debug_logs_of_a_full_run_carry_no_secret(standin, mysql_url, processes,
         wait_for(lambda: len(sink.messages) == 10, 30, "the next five mails", web, worker)
         standin.script("user/list", {"errcode": 60020, "errmsg": "not allow to access from your ip"})
         assert post(base, packet(crypto, event_xml("user0003", "delete_user"))).text == "success"
-        wait_for(lambda: rows(engine, outbox.events)[-1].status == "failed", 30, "the third event to fail", web)
+        wait_for(lambda: rows(engine, schema.events)[-1].status == "failed", 30, "the third event to fail", web)
         bad = packet(crypto, event_xml("user0004"))
         assert requests.post(f"{base}{PATH}?{bad[0]}x", data=bad[1], timeout=10).status_code == 403
         assert requests.get(f"{base}/readyz", timeout=10).status_code == 200

@@ -9,11 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-import outbox
-from conftest import DEPARTMENT
-from harness import (addresses, event_xml, figure, packet, post, prepare_database, reliability_env, rows,
+from store import schema
+from support import DEPARTMENT
+from support.reliability import (addresses, event_xml, figure, packet, post, prepare_database, reliability_env, rows,
                      wait_for)
-from wecom_standin import make_members
+from devtools.wecom_standin import make_members
 
 MEMBERS = 3
 COPIES = 10
@@ -50,10 +50,10 @@ def test_two_gunicorn_workers_and_two_standalone_workers_send_each_mail_exactly_
 
     expected = (DISTINCT + 1) * MEMBERS
     wait_for(lambda: len(smtp_sink.messages) >= expected and
-             {e.status for e in rows(engine, outbox.events)} == {"done"}, 120,
+             {e.status for e in rows(engine, schema.events)} == {"done"}, 120,
              f"{expected} mails and every event done", web, *workers)
     per_mail = collections.Counter((m["X-RcptTo"], _event_of(m)) for m in smtp_sink.messages)
-    events = rows(engine, outbox.events)
+    events = rows(engine, schema.events)
     handled = {p.log_path.name: len(re.findall(r"userid=\S+: \d+ sent", p.log)) for p in (web, *workers)}
     figure("concurrency: events handled per process log", handled)
     figure("concurrency: mails", len(smtp_sink.messages))

@@ -11,10 +11,10 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-import outbox
+from store import schema
 import wecom
-from conftest import TEST_CORP_ID
-from harness import prepare_database, reliability_env
+from support import TEST_CORP_ID
+from support.reliability import prepare_database, reliability_env
 
 
 class FreezableProxy:
@@ -89,5 +89,5 @@ def test_a_hung_database_gets_wecom_a_503_in_time_and_the_retry_is_recorded_once
     finally:
         proxy.close()
     with engine.connect() as conn:
-        users = conn.execute(sa.select(outbox.events.c.user_id).order_by(outbox.events.c.id)).scalars().all()
+        users = conn.execute(sa.select(schema.events.c.user_id).order_by(schema.events.c.id)).scalars().all()
     assert users == ["before", "during0", "during1", "during2"]

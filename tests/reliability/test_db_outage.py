@@ -13,11 +13,11 @@ import time
 import pytest
 import requests
 
-import outbox
-from conftest import DEPARTMENT
-from harness import (event_xml, figure, packet, post, prepare_database, private_mariadb, reliability_env,  # noqa: F401
+from store import db, schema
+from support import DEPARTMENT
+from support.reliability import (event_xml, figure, packet, post, prepare_database, private_mariadb, reliability_env,  # noqa: F401
                      rows, wait_for)
-from wecom_standin import make_members
+from devtools.wecom_standin import make_members
 
 MEMBERS = 2
 OUTAGE_SECONDS = 5
@@ -73,15 +73,15 @@ def test_database_crash_during_ingest_answers_503_and_the_retries_are_recorded_o
         again = [post(base, one, session) for one in sealed]
     assert [(a.status_code, a.text) for a in again] == [(200, "success")] * len(sealed)
 
-    engine = outbox.make_engine(private_mariadb.url)
+    engine = db.make_engine(private_mariadb.url)
     try:
-        events = rows(engine, outbox.events)
+        events = rows(engine, schema.events)
         assert sorted(e.user_id for e in events) == [f"outage{i:03d}" for i in range(len(sealed))]
         for event in events:  # no half-written event: each row is complete and parses
             assert event.xml.startswith("<xml>") and event.change_type == "create_user" and event.received_at
-        wait_for(lambda: {e.status for e in rows(engine, outbox.events)} == {"done"}, 90,
+        wait_for(lambda: {e.status for e in rows(engine, schema.events)} == {"done"}, 90,
                  "every event to be delivered after the outage", web)
-        deliveries = rows(engine, outbox.deliveries)
+        deliveries = rows(engine, schema.deliveries)
         assert len(deliveries) == len(sealed) * MEMBERS and {d.status for d in deliveries} == {"sent"}
         mails = collections.Counter((m["X-RcptTo"], re.search(r"ID：(\S+)", m.get_content()).group(1))
                                     for m in smtp_sink.messages)
@@ -102,14 +102,14 @@ def test_service_started_before_its_database_serves_once_the_database_is_up(
     assert post(base, sealed).status_code == 503
 
     private_mariadb.start()  # an empty server: the service must create its own tables now
-    engine = outbox.make_engine(private_mariadb.url)
+    engine = db.make_engine(private_mariadb.url)
     try:
         import templates_repo
         templates_repo.seed_templates(engine, "ipaas_email_template", "tencent-wechat")
         wait_for(lambda: _status(f"{base}/readyz") == 200, 30, "/readyz to answer 200", web)
         answer = post(base, sealed)
         assert (answer.status_code, answer.text) == (200, "success"), web.log[-3000:]
-        wait_for(lambda: [e.status for e in rows(engine, outbox.events)] == ["done"], 30, "the event done", web)
+        wait_for(lambda: [e.status for e in rows(engine, schema.events)] == ["done"], 30, "the event done", web)
         assert sorted(m["X-RcptTo"] for m in smtp_sink.messages) == [f"user{i:04d}@corp.example" for i in range(1, 6)]
     finally:
         engine.dispose()

@@ -5,11 +5,11 @@ import signal
 
 import pytest
 
-import outbox
-from conftest import DEPARTMENT
-from harness import (addresses, duplicates, event_xml, figure, packet, post, prepare_database, recipients,
+from store import schema
+from support import DEPARTMENT
+from support.reliability import (addresses, duplicates, event_xml, figure, packet, post, prepare_database, recipients,
                      reliability_env, rows, wait_for)
-from wecom_standin import make_members
+from devtools.wecom_standin import make_members
 
 MEMBERS = 600
 
@@ -30,8 +30,8 @@ def test_sigterm_finishes_the_message_in_flight_releases_the_lease_and_another_w
     assert first.proc.wait(timeout=30) == 0, first.log[-3000:]
     assert "finishing the message in flight" in first.log
 
-    [event] = rows(engine, outbox.events)
-    sent = [d for d in rows(engine, outbox.deliveries) if d.status == "sent"]
+    [event] = rows(engine, schema.events)
+    sent = [d for d in rows(engine, schema.deliveries) if d.status == "sent"]
     figure("mails sent before SIGTERM took effect", len(smtp_sink.messages))
     assert event.status == "sending" and event.lease_owner is None and event.lease_until is None
     # Every mail that reached the server is recorded as sent: the one in flight was finished, not dropped.
@@ -39,7 +39,7 @@ def test_sigterm_finishes_the_message_in_flight_releases_the_lease_and_another_w
     assert 0 < len(sent) < MEMBERS
 
     second = processes.worker(env, name="second")
-    wait_for(lambda: rows(engine, outbox.events)[0].status == "done", 60, "the second worker to finish", second)
+    wait_for(lambda: rows(engine, schema.events)[0].status == "done", 60, "the second worker to finish", second)
     got = recipients(smtp_sink)
     figure("graceful shutdown: messages received", sum(got.values()))
     assert set(got) == addresses(MEMBERS)
@@ -58,13 +58,13 @@ def test_sigterm_to_gunicorn_stops_its_delivery_thread_cleanly_and_a_new_instanc
     web.signal(signal.SIGTERM)
     assert web.proc.wait(timeout=30) == 0, web.log[-3000:]
 
-    [event] = rows(engine, outbox.events)
-    sent = [d for d in rows(engine, outbox.deliveries) if d.status == "sent"]
+    [event] = rows(engine, schema.events)
+    sent = [d for d in rows(engine, schema.deliveries) if d.status == "sent"]
     figure("gunicorn SIGTERM: mails sent before it took effect", len(smtp_sink.messages))
     assert event.status == "sending" and event.lease_owner is None
     assert sorted(d.address for d in sent) == sorted(recipients(smtp_sink))
 
     _, base = processes.gunicorn(env)
-    wait_for(lambda: rows(engine, outbox.events)[0].status == "done", 60, "the new instance to finish")
+    wait_for(lambda: rows(engine, schema.events)[0].status == "done", 60, "the new instance to finish")
     got = recipients(smtp_sink)
     assert set(got) == addresses(MEMBERS) and duplicates(got) == 0

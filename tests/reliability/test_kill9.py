@@ -7,11 +7,11 @@ import time
 
 import pytest
 
-import outbox
-from conftest import DEPARTMENT
-from harness import (addresses, duplicates, event_xml, figure, packet, post, prepare_database, recipients,
+from store import schema
+from support import DEPARTMENT
+from support.reliability import (addresses, duplicates, event_xml, figure, packet, post, prepare_database, recipients,
                      reliability_env, rows, wait_for)
-from wecom_standin import make_members
+from devtools.wecom_standin import make_members
 
 MEMBERS = 1000
 KILLS = 5
@@ -37,13 +37,13 @@ def test_sigkill_at_five_random_points_loses_no_member_and_repeats_at_most_one_m
         worker.proc.wait(timeout=10)
         figure("killed a worker after mail", len(smtp_sink.messages))
         # Killed mid fan-out, holding the lease: not after the work was done.
-        [event] = rows(engine, outbox.events)
+        [event] = rows(engine, schema.events)
         assert event.status == "sending" and event.lease_owner is not None
     last = processes.worker(env)
-    wait_for(lambda: rows(engine, outbox.events)[0].status == "done", 90, "the event to be done", last)
+    wait_for(lambda: rows(engine, schema.events)[0].status == "done", 90, "the event to be done", last)
 
     got = recipients(smtp_sink)
-    deliveries = rows(engine, outbox.deliveries)
+    deliveries = rows(engine, schema.deliveries)
     figure("kill points (messages at the sink)", kill_points)
     figure("kills survived", KILLS)
     figure("messages received", sum(got.values()))

@@ -5,12 +5,12 @@ import asyncio
 
 import pytest
 
-import outbox
-from conftest import DEPARTMENT
-from harness import (addresses, duplicates, event_xml, figure, packet, post, prepare_database, recipients,
+from store import schema
+from support import DEPARTMENT
+from support.reliability import (addresses, duplicates, event_xml, figure, packet, post, prepare_database, recipients,
                      reliability_env, rows, wait_for)
-from smtpd import SmtpSink
-from wecom_standin import make_members
+from support.smtp_server import SmtpSink
+from devtools.wecom_standin import make_members
 
 MEMBERS = 3
 LEASE_SECONDS = 2
@@ -35,7 +35,7 @@ def test_messages_slower_than_the_lease_are_not_sent_twice_by_a_second_worker(
         _, base = processes.gunicorn(env)
         workers = [processes.worker(env, name=f"worker{i}") for i in (1, 2)]
         assert post(base, packet(crypto, event_xml("user0001"))).text == "success"
-        wait_for(lambda: rows(engine, outbox.events)[0].status == "done", 60, "the event to be done", *workers)
+        wait_for(lambda: rows(engine, schema.events)[0].status == "done", 60, "the event to be done", *workers)
         got = recipients(sink)
     figure("slow SMTP (2.5 s a message, 2 s lease): mails", sum(got.values()))
     assert set(got) == addresses(MEMBERS)

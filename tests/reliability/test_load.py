@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-import outbox
-from harness import count, event_xml, figure, prepare_database, reliability_env, wait_for
+from store import schema
+from support.reliability import count, event_xml, figure, prepare_database, reliability_env, wait_for
 
 CALLBACKS = 2000
 RATE = 200  # per second
@@ -49,7 +49,7 @@ def test_two_thousand_callbacks_at_two_hundred_per_second_are_all_answered_and_r
     figure("load: answers slower than 1 s", sum(1 for seconds in latencies if seconds >= 1.0))
 
     assert [status for status, _, _ in answers] == [200] * CALLBACKS  # none timed out at WeCom's 5 s
-    assert count(engine, outbox.events) == CALLBACKS
-    wait_for(lambda: count(engine, outbox.events, outbox.events.c.status == "ignored") == CALLBACKS, 60,
+    assert count(engine, schema.events) == CALLBACKS
+    wait_for(lambda: count(engine, schema.events, schema.events.c.status == "ignored") == CALLBACKS, 60,
              "the workers to set every load event aside")
     assert smtp_sink.messages == []

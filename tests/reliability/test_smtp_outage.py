@@ -8,18 +8,18 @@ import time
 
 import pytest
 
-import outbox
-from conftest import DEPARTMENT, ROOT
-from harness import (addresses, duplicates, event_xml, figure, packet, post, prepare_database, recipients,
+from store import schema
+from support import DEPARTMENT, ROOT
+from support.reliability import (addresses, duplicates, event_xml, figure, packet, post, prepare_database, recipients,
                      reliability_env, rows, wait_for)
-from wecom_standin import make_members
+from devtools.wecom_standin import make_members
 
 MEMBERS = 300
 OUTAGE_SECONDS = 10
 
 
 def _deliveries_in_retry(engine):
-    return [d for d in rows(engine, outbox.deliveries) if d.status == "retry"]
+    return [d for d in rows(engine, schema.deliveries) if d.status == "retry"]
 
 
 @pytest.mark.slow
@@ -37,7 +37,7 @@ def test_smtp_server_down_for_ten_seconds_mid_fan_out_then_everything_is_deliver
     in_retry = wait_for(lambda: [d for d in _deliveries_in_retry(engine) if d.attempts >= 3], OUTAGE_SECONDS,
                         "a delivery retried three times during the outage")
     time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
-    during = rows(engine, outbox.deliveries)
+    during = rows(engine, schema.deliveries)
     smtp_sink.start()
     figure("SMTP outage survived (s)", round(time.monotonic() - down_at, 1))
 
@@ -49,9 +49,9 @@ def test_smtp_server_down_for_ten_seconds_mid_fan_out_then_everything_is_deliver
     assert 3 <= attempts_during <= 8
     assert [d for d in during if d.status == "failed"] == []
 
-    wait_for(lambda: rows(engine, outbox.events)[0].status == "done", 60, "the event to be done after recovery")
+    wait_for(lambda: rows(engine, schema.events)[0].status == "done", 60, "the event to be done after recovery")
     got = recipients(smtp_sink)
-    deliveries = rows(engine, outbox.deliveries)
+    deliveries = rows(engine, schema.deliveries)
     assert set(got) == addresses(MEMBERS) and duplicates(got) == 0
     assert {d.status for d in deliveries} == {"sent"}
     assert max(d.attempts for d in deliveries) == attempts_during + 1
@@ -67,9 +67,9 @@ def test_an_outage_longer_than_retry_max_hours_fails_every_recipient_together_an
     smtp_sink.stop()  # down for good
     _, base = processes.gunicorn(env)
     assert post(base, packet(crypto, event_xml("user0001"))).text == "success"
-    wait_for(lambda: rows(engine, outbox.events)[0].status == "done", 30,
+    wait_for(lambda: rows(engine, schema.events)[0].status == "done", 30,
              "the event to give up (every delivery failed)")
-    deliveries = rows(engine, outbox.deliveries)
+    deliveries = rows(engine, schema.deliveries)
     assert {d.status for d in deliveries} == {"failed"} and len(deliveries) == 40
     assert all(d.reason.startswith("gave up") for d in deliveries)
     spans = [d.first_attempt_at for d in deliveries]
@@ -78,7 +78,7 @@ def test_an_outage_longer_than_retry_max_hours_fails_every_recipient_together_an
                             text=True, timeout=60, env={"PATH": os.environ["PATH"], **env})
     assert "40 failed" in status.stdout and "failed delivery" in status.stdout and "gave up" in status.stdout
     figure("RETRY_MAX_HOURS=0.001: gave up after (s)",
-           round(rows(engine, outbox.events)[0].finished_at - rows(engine, outbox.events)[0].received_at, 1))
+           round(rows(engine, schema.events)[0].finished_at - rows(engine, schema.events)[0].received_at, 1))
 
 
 @pytest.mark.slow
@@ -95,7 +95,7 @@ def test_smtp_answering_451_for_a_while_is_retried_with_backoff_and_nothing_fail
     wait_for(lambda: [d for d in _deliveries_in_retry(engine) if d.attempts >= 2], 30,
              "deliveries retried after 451")
     time.sleep(max(0.0, 4 - (time.monotonic() - busy_at)))
-    during = rows(engine, outbox.deliveries)
+    during = rows(engine, schema.deliveries)
     smtp_sink.fail_next(0)
     figure("SMTP 451 period survived (s)", round(time.monotonic() - busy_at, 1))
 
@@ -104,9 +104,9 @@ def test_smtp_answering_451_for_a_while_is_retried_with_backoff_and_nothing_fail
     assert all(d.next_attempt_at > d.first_attempt_at for d in in_retry)
     assert [d for d in during if d.status == "failed"] == []
 
-    wait_for(lambda: rows(engine, outbox.events)[0].status == "done", 60, "the event to be done after 451s stop")
+    wait_for(lambda: rows(engine, schema.events)[0].status == "done", 60, "the event to be done after 451s stop")
     got = recipients(smtp_sink)
-    deliveries = rows(engine, outbox.deliveries)
+    deliveries = rows(engine, schema.deliveries)
     figure("451: deliveries that needed more than one attempt", sum(d.attempts > 1 for d in deliveries))
     assert set(got) == addresses(MEMBERS) and duplicates(got) == 0
     assert {d.status for d in deliveries} == {"sent"} and max(d.attempts for d in deliveries) >= 3

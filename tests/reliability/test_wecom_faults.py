@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-import outbox
-from conftest import ROOT
-from harness import (addresses, duplicates, event_xml, figure, packet, post, prepare_database, recipients,
+from store import schema
+from support import ROOT
+from support.reliability import (addresses, duplicates, event_xml, figure, packet, post, prepare_database, recipients,
                      reliability_env, rows, wait_for)
 
 TRANSIENT_FAULTS = [
@@ -42,9 +42,9 @@ def test_timeouts_5xx_busy_and_rate_limits_are_retried_and_a_permanent_error_fai
     standin.expire_tokens()  # the cached token is refused next, and then gettoken itself fails once
     standin.script("gettoken", ("http", 502))
     assert post(base, packet(crypto, event_xml("user0001"))).text == "success"
-    wait_for(lambda: rows(engine, outbox.events)[0].status == "done", 60, "the event to be delivered", worker)
+    wait_for(lambda: rows(engine, schema.events)[0].status == "done", 60, "the event to be delivered", worker)
 
-    [event] = rows(engine, outbox.events)
+    [event] = rows(engine, schema.events)
     figure("WeCom faults retried before delivery", event.attempts)
     assert set(recipients(smtp_sink)) == addresses(5) and duplicates(recipients(smtp_sink)) == 0
     assert event.attempts == len(TRANSIENT_FAULTS) + 1  # + the failed gettoken
@@ -56,8 +56,8 @@ def test_timeouts_5xx_busy_and_rate_limits_are_retried_and_a_permanent_error_fai
 
     standin.script("user/list", {"errcode": 60011, "errmsg": "no privilege to access/modify contact/party/agent"})
     assert post(base, packet(crypto, event_xml("user0002"))).text == "success"
-    wait_for(lambda: rows(engine, outbox.events)[-1].status == "failed", 30, "the second event to fail", worker)
-    failed = rows(engine, outbox.events)[-1]
+    wait_for(lambda: rows(engine, schema.events)[-1].status == "failed", 30, "the second event to fail", worker)
+    failed = rows(engine, schema.events)[-1]
     assert "60011" in failed.reason and "可见范围" in failed.reason
 
     status = flask_command(env, "status")

@@ -1,8 +1,5 @@
-"""Shared pieces of the reliability suite: the service's environment, callbacks over HTTP, what arrived.
-
-Not a conftest.py on purpose: a second conftest module would shadow `from conftest import …` in the
-other test files. Test modules import the fixtures they need from here.
-"""
+"""The reliability suite's pieces: the service's environment, callbacks over HTTP, what arrived, a private
+MariaDB that a test may crash (the `private_mariadb` fixture: test modules import it from here)."""
 from __future__ import annotations
 
 import collections
@@ -17,10 +14,10 @@ import pytest
 import requests
 import sqlalchemy as sa
 
-import outbox
 import templates_repo
-import wecom
-from conftest import DEPARTMENT, TEST_CORP_ID, base_env, free_port, wait_until
+from store import db, migrate
+from support import base_env, change_xml, free_port, wait_until
+from support.state import count, rows  # noqa: F401 (the reliability tests read rows through here)
 
 # Short settings: every case below must finish in seconds, not in production's minutes.
 FAST = {"LEASE_SECONDS": "2", "RETRY_BACKOFF_SECONDS": "0.2", "SMTP_TIMEOUT_SECONDS": "5"}
@@ -36,15 +33,14 @@ def reliability_env(standin, smtp_sink, database_url: str, **overrides) -> dict[
 
 def prepare_database(database_url: str) -> sa.engine.Engine:
     """Create the state tables and the original template rows, as `init-db --seed-templates` does."""
-    engine = outbox.make_engine(database_url)
-    outbox.init_schema(engine)
+    engine = db.make_engine(database_url)
+    migrate.upgrade(engine)
     templates_repo.seed_templates(engine, "ipaas_email_template", "tencent-wechat")
     return engine
 
 
-def event_xml(userid: str, change_type: str = "create_user", departments: str = str(DEPARTMENT),
-              create_time: int = 1700000000) -> str:
-    return wecom.event_xml(change_type, userid, TEST_CORP_ID, departments, create_time=create_time)
+def event_xml(userid: str, change_type: str = "create_user", **fields) -> str:
+    return change_xml(change_type, userid, **fields)
 
 
 def packet(crypto, xml: str) -> tuple[str, bytes]:
@@ -71,27 +67,17 @@ def duplicates(counter: collections.Counter) -> int:
     return sum(n - 1 for n in counter.values() if n > 1)
 
 
-def rows(engine, table, *where):
-    with engine.connect() as conn:
-        return conn.execute(sa.select(table).where(*where).order_by(table.c.id)).all()
-
-
-def count(engine, table, *where) -> int:
-    with engine.connect() as conn:
-        return conn.execute(sa.select(sa.func.count()).select_from(table).where(*where)).scalar_one()
-
-
 def addresses(n: int, prefix: str = "user") -> set[str]:
     return {f"{prefix}{i:04d}@corp.example" for i in range(1, n + 1)}
 
 
 def wait_for(predicate, timeout: float, what: str, *processes):
     """wait_until, failing with `what` and the tail of each process's log on timeout."""
-    value = wait_until(predicate, timeout=timeout, interval=0.05)
-    if not value:
+    try:
+        return wait_until(predicate, timeout=timeout, interval=0.05, what=what)
+    except AssertionError as exc:
         logs = "\n".join(f"--- {p.log_path.name}\n{p.log[-2500:]}" for p in processes)
-        pytest.fail(f"timed out after {timeout} s waiting for {what}\n{logs}")
-    return value
+        pytest.fail(f"{exc}\n{logs}")
 
 
 def figure(name: str, value) -> None:
@@ -150,8 +136,7 @@ class PrivateMariaDB:
                     return True
                 except sa.exc.DBAPIError:
                     return False
-            if not wait_until(answers, timeout=timeout, interval=0.1):
-                raise RuntimeError(f"mariadbd on port {self.port} did not answer within {timeout} s")
+            wait_until(answers, timeout=timeout, interval=0.1, what=f"mariadbd on port {self.port} to answer")
         finally:
             engine.dispose()
 

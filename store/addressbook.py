@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,8 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from config import Settings
-from outbox import insert_ignore, address_book
+from mailer import address_problem
+from store.schema import address_book, insert_ignore
 from wecom import Member
 
 USERID_HEADERS = ("userid", "帐号", "账号")
@@ -21,25 +21,12 @@ EXPECTED = "a CSV of userid,email (headers userid/帐号/账号 and email/邮箱
 CHUNK = 500  # ids per IN (...) query: well under every driver's parameter limit
 MAX_USERID = 64  # WeCom userids are 1-64 bytes; also the column width
 
-# A plain ASCII addr-spec (dot-atom@domain): no display name, spaces, quotes or line breaks, so it can
-# go into a To: header as is. Non-ASCII addresses need SMTPUTF8, which QQ Mail and most servers refuse.
-_LOCAL = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-_ADDRESS = re.compile(rf"({_LOCAL})@((?:{_LABEL}\.)+{_LABEL})")
-
-
 @dataclass(frozen=True)
 class ImportResult:
     added: int
     updated: int
     rejected: int
     errors: tuple[str, ...]
-
-
-def is_valid_address(address: str) -> bool:
-    """True for a plain ASCII address such as zhangsan@corp.example."""
-    match = _ADDRESS.fullmatch(address or "")
-    return bool(match) and len(match.group(1)) <= 64 and len(address) <= 254
 
 
 def _key(userid: str) -> str:
@@ -96,7 +83,7 @@ def import_csv(engine: Engine, path) -> ImportResult:
             errors.append(f"line {line}: empty userid")
         elif len(userid.encode("utf-8")) > MAX_USERID:
             errors.append(f"line {line}: userid {userid[:20]!r}… is longer than {MAX_USERID} bytes")
-        elif not is_valid_address(email):
+        elif address_problem(email) is not None:
             errors.append(f"line {line}: {email[:80]!r} is not an email address")
         else:
             wanted[_key(userid)] = email
@@ -139,6 +126,6 @@ def resolve(settings: Settings, engine: Engine, members: list[Member]) -> list[t
             "pattern": (pattern.replace("{userid}", member.userid) if pattern else "",),
         }
         address = next((c.strip() for source in settings.email_sources for c in candidates[source]
-                        if c and is_valid_address(c.strip())), None)
+                        if c and address_problem(c.strip()) is None), None)
         resolved.append((member, address))
     return resolved

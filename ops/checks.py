@@ -4,25 +4,23 @@ from __future__ import annotations
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
-import addressbook
 import config
 import mailer
-import outbox
 import templates_repo
 import wecom
+from store import addressbook
+from store.db import StateUnavailable, safe_url
+from store.migrate import upgrade
 from wecom import MEMBER_CHANGES
 
 
-def run_all(app) -> list[tuple[bool, str]]:
-    """Every check in order; a failed prerequisite skips what depends on it."""
-    from app import template_engine, wecom_client
-
-    settings = app.config["SETTINGS"]
-    engine = app.extensions["engine"]
-    results = [state_database(engine, settings), template_rows(template_engine(app), settings)]
+def run_all(parts) -> list[tuple[bool, str]]:
+    """Every check in order (`parts`: the app's services); a failed prerequisite skips what depends on it."""
+    settings, engine = parts.settings, parts.engine
+    results = [state_database(engine, settings), template_rows(parts.template_engine, settings)]
     state_ok = results[0][0]
     # The access token is shared through the state database; without it, WeCom is still worth trying.
-    client = wecom_client(app) if state_ok else wecom.WeComClient(settings, _TokensInMemory())
+    client = parts.wecom_client() if state_ok else wecom.WeComClient(settings)
     token_ok, line = wecom_token(client)
     results.append((token_ok, line))
     if token_ok:
@@ -34,36 +32,19 @@ def run_all(app) -> list[tuple[bool, str]]:
     return [(ok, config.mask(line, settings)) for ok, line in results]
 
 
-class _TokensInMemory:
-    """An access-token store for this one run, when the state database does not answer."""
-
-    def __init__(self):
-        self.tokens: dict[str, tuple[str, float]] = {}
-
-    def get(self, key: str) -> tuple[str, float] | None:
-        return self.tokens.get(key)
-
-    def put(self, key: str, token: str, expires_at: float) -> None:
-        self.tokens[key] = (token, expires_at)
-
-
-def _url(url: str) -> str:
-    return sa.engine.make_url(url).render_as_string(hide_password=True)
-
-
 def state_database(engine, settings) -> tuple[bool, str]:
     try:
-        outbox.init_schema(engine)
-        with engine.connect() as conn:
-            version = conn.execute(sa.select(sa.func.max(outbox.schema_info.c.version))).scalar()
+        revision = upgrade(engine)
     except DBAPIError as exc:
-        return False, (f"state database {_url(settings.database_url)}: {exc.orig.__class__.__name__}: "
+        return False, (f"state database {safe_url(settings.database_url)}: {exc.orig.__class__.__name__}: "
                        f"{str(exc.orig)[:120]} — check DATABASE_URL and that the server accepts connections")
-    return True, f"state database {_url(settings.database_url)}: reachable, schema version {version}"
+    except StateUnavailable as exc:
+        return False, f"state database {safe_url(settings.database_url)}: {exc}"
+    return True, f"state database {safe_url(settings.database_url)}: reachable, schema revision {revision}"
 
 
 def template_rows(engine, settings) -> tuple[bool, str]:
-    where = f"{settings.template_table} (app {settings.template_app!r}) in {_url(settings.template_database_url)}"
+    where = f"{settings.template_table} (app {settings.template_app!r}) in {safe_url(settings.template_database_url)}"
     try:
         if not sa.inspect(engine).has_table(settings.template_table):
             return False, (f"templates {where}: the table does not exist — check TEMPLATE_DATABASE_URL / "

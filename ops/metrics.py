@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy.exc import DBAPIError
 
-import outbox
+from store.schema import DELIVERY_OPEN, EVENT_OPEN, deliveries, events
 
 CALLBACKS = Counter("wecom_mailer_callbacks_total", "Callbacks answered, by outcome and reason",
                     ["outcome", "reason"])
@@ -53,25 +53,25 @@ class OutboxCollector:
         up = GaugeMetricFamily("wecom_mailer_state_database_up", "1 when the state database answered the scrape")
         try:
             with self.engine.connect() as conn:
-                events = conn.execute(sa.select(outbox.events.c.status, sa.func.count())
-                                      .group_by(outbox.events.c.status)).all()
-                deliveries = conn.execute(sa.select(outbox.deliveries.c.status, sa.func.count())
-                                          .group_by(outbox.deliveries.c.status)).all()
-                oldest = conn.execute(sa.select(sa.func.min(outbox.events.c.received_at))
-                                      .where(outbox.events.c.status.in_(outbox.EVENT_OPEN))).scalar()
+                by_event = conn.execute(sa.select(events.c.status, sa.func.count())
+                                      .group_by(events.c.status)).all()
+                by_delivery = conn.execute(sa.select(deliveries.c.status, sa.func.count())
+                                          .group_by(deliveries.c.status)).all()
+                oldest = conn.execute(sa.select(sa.func.min(events.c.received_at))
+                                      .where(events.c.status.in_(EVENT_OPEN))).scalar()
         except DBAPIError:
             up.add_metric([], 0)
             yield up
             return
         up.add_metric([], 1)
         yield up
-        for name, rows in (("events", events), ("deliveries", deliveries)):
+        for name, rows in (("events", by_event), ("deliveries", by_delivery)):
             family = GaugeMetricFamily(f"wecom_mailer_{name}", f"{name.capitalize()} in the outbox by status",
                                        labels=["status"])
             for status, count in rows:
                 family.add_metric([status], count)
             yield family
-        depth = sum(count for status, count in deliveries if status in outbox.DELIVERY_OPEN)
+        depth = sum(count for status, count in by_delivery if status in DELIVERY_OPEN)
         yield GaugeMetricFamily("wecom_mailer_queue_depth", "Open deliveries (pending or retry)", value=depth)
         yield GaugeMetricFamily("wecom_mailer_oldest_open_event_seconds",
                                 "Age of the oldest event not yet finished (0 when none)",

@@ -6,7 +6,6 @@ import logging
 import secrets
 import tempfile
 import time
-from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -14,21 +13,20 @@ from flask import Blueprint, abort, current_app, g, redirect, render_template, r
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy.exc import DBAPIError
 
-import addressbook
 import config
-import outbox
-import report
+import services
 import templates_repo
 import wecom
+from ops import report
+from store import addressbook, outbox
+from store.schema import DELIVERY_OPEN, DELIVERY_STATUSES, EVENT_STATUSES
 
 log = logging.getLogger("wecom_mailer.admin")
-bp = Blueprint("admin", __name__, url_prefix="/admin", template_folder="templates")
+bp = Blueprint("admin", __name__, url_prefix="/admin")  # pages: templates/admin/ beside app.py
 
 COOKIE = "wecom_mailer_admin"
 SESSION_SECONDS = 12 * 3600
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
-EVENT_STATUSES = ("pending", "sending", "done", "failed", "skipped", "ignored")
-DELIVERY_STATUSES = ("pending", "retry", "sent", "failed", "skipped")
 LABELS = {"pending": "待处理", "sending": "发送中", "done": "完成", "failed": "失败", "skipped": "跳过",
           "ignored": "忽略", "retry": "待重试", "sent": "已发送"}
 SAMPLE = {"userid": "zhangsan", "name": "张三", "create_time": 1700000000}  # 2023-11-15 06:13:20 Asia/Shanghai
@@ -37,15 +35,16 @@ REFRESH_WITHIN_SECONDS = 60  # the event page refreshes itself while something i
 
 def init_app(app) -> None:
     """Mount /admin only when ADMIN_TOKEN is set: otherwise every /admin URL is a plain 404."""
-    if app.config["SETTINGS"].admin_token:
+    token = services.of(app).settings.admin_token
+    if token:
+        # itsdangerous derives the signing key from it and the salt, so a new token ends every session.
+        app.secret_key = token
         app.register_blueprint(bp)
 
 
 # --- login cookie and CSRF -------------------------------------------------------------------
 
 def _serializer() -> URLSafeTimedSerializer:
-    # SECRET_KEY is ADMIN_TOKEN; itsdangerous derives the signing key from it and the salt,
-    # so a new token ends every session.
     return URLSafeTimedSerializer(current_app.secret_key, salt="wecom-mailer-admin-session")
 
 
@@ -116,13 +115,12 @@ def database_unavailable(exc):
 @bp.context_processor
 def helpers():
     return {"csrf_token": g.admin_session["csrf"] if g.get("admin_session") else "",
-            "signed_in": bool(g.get("admin_session")), "when": _when, "label": _label}
+            "signed_in": bool(g.get("admin_session")), "when": _when, "label": _label,
+            "timezone": _settings().timezone}
 
 
 def _when(epoch: float | None) -> str:
-    if not epoch:
-        return "-"
-    return datetime.fromtimestamp(epoch, current_app.config["SETTINGS"].tz).strftime("%Y-%m-%d %H:%M:%S")
+    return report.local_time(epoch, _settings().tz)
 
 
 def _label(status: str | None) -> str:
@@ -137,7 +135,7 @@ def login():
         if g.admin_session is not None:
             return redirect(next_url or url_for("admin.events"))
         return render_template("admin/login.html", next=next_url)
-    if not _same(request.form.get("token", ""), current_app.config["SETTINGS"].admin_token):
+    if not _same(request.form.get("token", ""), _settings().admin_token):
         log.warning("admin login refused from %s: wrong token", request.remote_addr)
         return render_template("admin/login.html", next=next_url, error=True), 403
     response = redirect(next_url or url_for("admin.events"))
@@ -158,7 +156,11 @@ def logout():
 # --- pages -----------------------------------------------------------------------------------
 
 def _engine():
-    return current_app.extensions["engine"]
+    return services.of(current_app).engine
+
+
+def _settings():
+    return services.of(current_app).settings
 
 
 def _choice(value: str | None, options: tuple[str, ...]) -> str | None:
@@ -189,14 +191,14 @@ def event(event_id: int):
     counts = outbox.delivery_counts(_engine(), event_id)
     return render_template("admin/event.html", event=row, deliveries=rows, counts=counts, status=status,
                            delivery_statuses=DELIVERY_STATUSES, requeued=_requeued(),
-                           refresh=_due_soon(row, rows), open_statuses=outbox.DELIVERY_OPEN)
+                           refresh=_due_soon(row, rows), open_statuses=DELIVERY_OPEN)
 
 
 def _due_soon(event: dict, deliveries: list[dict]) -> bool:
     soon = time.time() + REFRESH_WITHIN_SECONDS
     if event["status"] == "pending":
         return event["next_attempt_at"] <= soon
-    return any(d["status"] in outbox.DELIVERY_OPEN and d["next_attempt_at"] <= soon for d in deliveries)
+    return any(d["status"] in DELIVERY_OPEN and d["next_attempt_at"] <= soon for d in deliveries)
 
 
 def _requeued() -> tuple[int, int] | None:
@@ -207,7 +209,7 @@ def _requeued() -> tuple[int, int] | None:
 @bp.post("/events/<int:event_id>/retry")
 def retry_event(event_id: int):
     """Requeue this event's failed deliveries (or the event itself, if it failed before any)."""
-    n_events, n_deliveries = report.requeue(_engine(), event_id)
+    n_events, n_deliveries = outbox.requeue(_engine(), event_id)
     _wake_worker()
     log.info("admin requeued event %s: %d event(s), %d delivery(ies)", event_id, n_events, n_deliveries)
     return redirect(url_for("admin.event", event_id=event_id, requeued_events=n_events, requeued=n_deliveries))
@@ -216,26 +218,23 @@ def retry_event(event_id: int):
 @bp.post("/retry-failed")
 def retry_failed():
     """Requeue every failed delivery and failed event."""
-    n_events, n_deliveries = report.requeue(_engine())
+    n_events, n_deliveries = outbox.requeue(_engine())
     _wake_worker()
     log.info("admin requeued all failed: %d event(s), %d delivery(ies)", n_events, n_deliveries)
     return redirect(url_for("admin.events", requeued_events=n_events, requeued=n_deliveries))
 
 
 def _wake_worker() -> None:
-    worker = current_app.extensions.get("worker")
-    if worker is not None:
-        worker.wakeup.set()
+    services.of(current_app).wake_worker()
 
 
 @bp.get("/templates")
 def templates():
     """The template rows of TEMPLATE_APP, each rendered against a sample event of its change type."""
-    from app import template_engine
-
-    settings = current_app.config["SETTINGS"]
+    settings = _settings()
     try:
-        rows = report.template_rows(template_engine(current_app), settings.template_table, settings.template_app)
+        rows = report.template_rows(services.of(current_app).template_engine, settings.template_table,
+                                    settings.template_app)
         error = None
     except DBAPIError as exc:
         rows = []

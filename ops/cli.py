@@ -1,4 +1,4 @@
-"""`flask --app app …` commands: init-db, worker, simulate, check, status, retry, import-addresses, demo."""
+"""`flask --app app …` commands: init-db, worker, simulate, check, status, retry, import-addresses."""
 from __future__ import annotations
 
 import logging
@@ -11,22 +11,22 @@ import click
 from flask import current_app
 from flask.cli import with_appcontext
 
-import outbox
+import services
+import templates_repo
 import wecom
+from ops import checks, report
+from store import addressbook, outbox
+from store.migrate import upgrade
 
 
 def init_app(app) -> None:
-    """Register the commands on the app's CLI."""
-    for command in (init_db, worker_command, simulate, check, status, retry, import_addresses, demo):
+    """Register the commands on the app's CLI (`demo` comes from devtools/, outside the service)."""
+    for command in (init_db, worker_command, simulate, check, status, retry, import_addresses):
         app.cli.add_command(command)
 
 
-def _settings():
-    return current_app.config["SETTINGS"]
-
-
-def _engine():
-    return current_app.extensions["engine"]
+def _services() -> services.Services:
+    return services.of(current_app)
 
 
 @click.command("init-db")
@@ -35,14 +35,12 @@ def _engine():
 @with_appcontext
 def init_db(seed_templates: bool) -> None:
     """Create or upgrade the state tables (safe to run any time, from several machines at once)."""
-    import templates_repo
-    from app import template_engine
-
-    outbox.init_schema(_engine())
-    click.echo("Initialized the state database.")
+    parts = _services()
+    revision = upgrade(parts.engine)
+    click.echo(f"Initialized the state database (schema revision {revision}).")
     if seed_templates:
-        settings = _settings()
-        added = templates_repo.seed_templates(template_engine(current_app), settings.template_table,
+        settings = parts.settings
+        added = templates_repo.seed_templates(parts.template_engine, settings.template_table,
                                               settings.template_app)
         click.echo(f"Template table {settings.template_table}: {added} row(s) added for app {settings.template_app}.")
 
@@ -51,9 +49,7 @@ def init_db(seed_templates: bool) -> None:
 @with_appcontext
 def worker_command() -> None:
     """Run delivery only (no web server); SIGTERM finishes the message in flight and exits."""
-    from app import start_worker
-
-    worker = start_worker(current_app._get_current_object())
+    worker = _services().start_worker()
 
     def stop(signum, _frame):
         # Logged, not echoed: with LOG_FORMAT=json every line of a worker is a JSON object.
@@ -85,8 +81,7 @@ def simulate(url: str, change_type: str, user_id: str, department: str | None, n
     if not url.lower().startswith(("http://", "https://")):
         raise click.BadParameter(f"{url!r} is not an http:// or https:// URL, "
                                  "e.g. https://mail.corp.example/wecom/callback", param_hint="--url")
-    settings = _settings()
-    crypto = current_app.extensions["crypto"]
+    settings, crypto = _services().settings, _services().crypto
     try:
         if verify:
             echo = str(int(time.time() * 1000))
@@ -122,9 +117,7 @@ def simulate(url: str, change_type: str, user_id: str, department: str | None, n
 @with_appcontext
 def check() -> None:
     """Try every dependency with the current configuration and print one line each."""
-    import checks
-
-    results = checks.run_all(current_app._get_current_object())
+    results = checks.run_all(_services())
     for ok, line in results:
         click.echo(("✓ " if ok else "✗ ") + line)
     if not all(ok for ok, _ in results):
@@ -137,9 +130,8 @@ def check() -> None:
 @with_appcontext
 def status(event_id: int | None, limit: int) -> None:
     """Recent events with delivery counts; failures with their reasons."""
-    import report
-
-    for line in report.status_lines(_engine(), event_id=event_id, limit=limit):
+    parts = _services()
+    for line in report.status_lines(parts.engine, parts.settings.tz, event_id=event_id, limit=limit):
         click.echo(line)
 
 
@@ -149,11 +141,9 @@ def status(event_id: int | None, limit: int) -> None:
 @with_appcontext
 def retry(event_id: int | None, all_failed: bool) -> None:
     """Requeue one event's failed deliveries (or the event itself), or every failed one."""
-    import report
-
     if (event_id is None) == (not all_failed):
         raise click.UsageError("give an EVENT_ID or --failed (not both)")
-    events, deliveries = report.requeue(_engine(), event_id)
+    events, deliveries = outbox.requeue(_services().engine, event_id)
     if event_id is not None and events == deliveries == 0:
         raise click.ClickException(f"event {event_id}: nothing to retry (no such event, or nothing failed)")
     click.echo(f"Requeued {events} event(s) and {deliveries} delivery(ies).")
@@ -164,20 +154,10 @@ def retry(event_id: int | None, all_failed: bool) -> None:
 @with_appcontext
 def import_addresses(csv_file: str) -> None:
     """Load userid,email rows (headers userid/帐号/账号 and email/邮箱) into the address book."""
-    import addressbook
-
     try:
-        result = addressbook.import_csv(_engine(), csv_file)
+        result = addressbook.import_csv(_services().engine, csv_file)
     except ValueError as exc:
         raise click.ClickException(str(exc))
     click.echo(f"Address book: {result.added} added, {result.updated} updated, {result.rejected} rejected.")
     for error in result.errors[:50]:
         click.echo(f"  rejected {error}", err=True)
-
-
-@click.command("demo")
-def demo() -> None:
-    """Run the whole scenario on embedded defaults and print the emails (what `make demo` runs)."""
-    import demo as demo_module
-
-    sys.exit(demo_module.main())

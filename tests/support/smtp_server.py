@@ -1,7 +1,6 @@
 """A real SMTP server on 127.0.0.1 for tests (aiosmtpd), with rejections and outages on demand."""
 from __future__ import annotations
 
-import socket
 import ssl
 import threading
 import weakref
@@ -12,12 +11,7 @@ from email.parser import BytesParser
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
 
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from devtools.ports import free_port
 
 
 class SmtpSink:

@@ -1,4 +1,4 @@
-"""`make demo`: the whole scenario on embedded defaults, no credentials, nothing leaves 127.0.0.1.
+"""`make demo` (`flask --app app demo`): the whole scenario on embedded defaults, no credentials, nothing leaves 127.0.0.1.
 
 Starts the WeCom API stand-in with a small department, seeds the original templates in SQLite,
 runs the real service under gunicorn on a free loopback port, sends an encrypted create_user with
@@ -11,7 +11,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,19 +20,16 @@ from pathlib import Path
 
 import requests
 
-from wecom_standin import WeComStandIn, make_members
+import click
 
-ROOT = Path(__file__).resolve().parent
+from devtools.ports import free_port
+from devtools.wecom_standin import WeComStandIn, make_members
+
+ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = ROOT / "var" / "demo"
 DEPARTMENT = 2
 NEW_MEMBER = {"userid": "wangxiaoming", "name": "王小明", "department": [DEPARTMENT],
               "email": "wangxiaoming@corp.example", "biz_mail": ""}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def demo_env(api_base: str, port: int, corp_id: str, secret: str) -> dict[str, str]:
@@ -136,6 +132,12 @@ def show(path: Path) -> None:
     message = BytesParser(policy=policy.default).parse(path.open("rb"))
     print(f"\n--- {path.name}\nFrom:    {message['From']}\nTo:      {message['To']}\n"
           f"Subject: {message['Subject']}\nDate:    {message['Date']}\n\n{message.get_content().rstrip()}")
+
+
+@click.command("demo")
+def command() -> None:
+    """Run the whole scenario on embedded defaults and print the emails (what `make demo` runs)."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

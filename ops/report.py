@@ -1,15 +1,18 @@
-"""What happened: recent events with delivery counts, one event's deliveries, and requeueing."""
+"""What happened: recent events with delivery counts, one event's deliveries (reads only)."""
 from __future__ import annotations
 
-import time
+from datetime import datetime, tzinfo
 
 import sqlalchemy as sa
 
-from outbox import DELIVERY_OPEN, address_book, deliveries, events, with_retries
+from store.schema import address_book, deliveries, events, template_table
+
+TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
-def _when(epoch: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(epoch)) if epoch else "-"
+def local_time(epoch: float | None, tz: tzinfo) -> str:
+    """A stored time as the operator reads it: in TIMEZONE, to the second ('-' when unset)."""
+    return datetime.fromtimestamp(epoch, tz).strftime(TIME_FORMAT) if epoch else "-"
 
 
 def recent_events(engine, limit: int = 20, status: str | None = None,
@@ -64,8 +67,7 @@ def status_totals(engine) -> tuple[dict[str, int], dict[str, int]]:
 
 def template_rows(engine, table: str, app: str) -> list[dict]:
     """Every template row of `app` in the original table, by change type (only reads)."""
-    t = sa.table(table, sa.column("app"), sa.column("change_type"), sa.column("email_title"),
-                 sa.column("email_body"))
+    t = template_table(table)
     query = (sa.select(t.c.change_type, t.c.email_title, t.c.email_body)
              .where(t.c.app == app).order_by(t.c.change_type))
     with engine.connect() as conn:
@@ -83,7 +85,7 @@ def address_book_rows(engine, search: str = "", limit: int = 200) -> tuple[list[
         return [dict(r._mapping) for r in rows], total
 
 
-def status_lines(engine, event_id: int | None = None, limit: int = 20) -> list[str]:
+def status_lines(engine, tz: tzinfo, event_id: int | None = None, limit: int = 20) -> list[str]:
     """The text of `flask status`."""
     if event_id is not None:
         rows = event_deliveries(engine, event_id)
@@ -97,7 +99,7 @@ def status_lines(engine, event_id: int | None = None, limit: int = 20) -> list[s
     lines = [f"{'id':>8}  {'received':<19}  {'change':<12} {'userid':<16} {'status':<8} deliveries"]
     for r in rows:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(r["counts"].items())) or "-"
-        lines.append(f"{r['id']:>8}  {_when(r['received_at'])}  {r['change_type']:<12} {r['user_id']:<16} "
+        lines.append(f"{r['id']:>8}  {local_time(r['received_at'], tz)}  {r['change_type']:<12} {r['user_id']:<16} "
                      f"{r['status']:<8} {counts}")
         if r["status"] in ("failed", "skipped") or (r["status"] == "pending" and r["attempts"]):
             lines.append(f"{'':>10}reason: {r['reason']}")
@@ -105,30 +107,3 @@ def status_lines(engine, event_id: int | None = None, limit: int = 20) -> list[s
     for d in failed[:20]:
         lines.append(f"  failed delivery {d['id']} (event {d['event_id']}) to {d['address']}: {d['reason']}")
     return lines
-
-
-def requeue(engine, event_id: int | None = None) -> tuple[int, int]:
-    """Make failed deliveries (and failed events) due again; return (events, deliveries) requeued."""
-    now = time.time()
-
-    def write():
-        with engine.begin() as conn:
-            d_where = [deliveries.c.status == "failed"]
-            e_where = [events.c.status == "failed"]
-            if event_id is not None:
-                d_where.append(deliveries.c.event_id == event_id)
-                e_where.append(events.c.id == event_id)
-            n_deliveries = conn.execute(deliveries.update().where(*d_where).values(
-                status="retry", next_attempt_at=now, first_attempt_at=now, attempts=0)).rowcount
-            # A failed event that never got deliveries starts over; one with deliveries resumes sending.
-            expanded = sa.exists().where(deliveries.c.event_id == events.c.id)
-            n_events = conn.execute(events.update().where(*e_where, ~expanded).values(
-                status="pending", next_attempt_at=now, first_attempt_at=None, attempts=0, reason="requeued",
-                finished_at=None)).rowcount
-            reopened = [deliveries.c.event_id == events.c.id, deliveries.c.status.in_(DELIVERY_OPEN)]
-            conn.execute(events.update().where(events.c.status.in_(("done", "failed")),
-                                               sa.exists().where(*reopened),
-                                               *([events.c.id == event_id] if event_id is not None else []))
-                         .values(status="sending", next_attempt_at=now, finished_at=None))
-            return n_events, n_deliveries
-    return with_retries(write)

@@ -1,3 +1,5 @@
+# FROZEN: outbox.py as the last release before Alembic shipped it (git 0ae1b49, "schema 2"), verbatim, so that
+# tests can build a database exactly as that release did and then upgrade it. Never edit it.
 """The outbox: events, deliveries, member snapshots, address book, shared tokens (SQLAlchemy Core)."""
 from __future__ import annotations
 

@@ -1,0 +1,145 @@
+"""The delivery loop: claim an event (lease) → expand it into deliveries → send them; one thread, one owner."""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+
+from sqlalchemy.exc import DBAPIError
+
+import wecom
+from delivery import backoff
+from delivery.expand import expand
+from delivery.lease import LeaseKeeper
+from delivery.sending import send_event
+from store import outbox
+from store.db import StateUnavailable
+from store.migrate import ensure_schema
+from store.snapshots import load_snapshots, save_snapshot
+
+log = logging.getLogger("wecom_mailer.worker")
+POLL_SECONDS = 1.0
+SNAPSHOT_RETRY_SECONDS = 60.0
+
+
+class Worker:
+    """One delivery loop; owns its lease identity. Run it in a thread (web) or alone (`flask worker`)."""
+
+    def __init__(self, settings, engine, template_engine, client, metrics=None):
+        self.settings = settings
+        self.engine = engine
+        self.template_engine = template_engine
+        self.client = client
+        self.metrics = metrics
+        self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.stop = threading.Event()
+        self.wakeup = threading.Event()
+        self.lease: LeaseKeeper | None = None  # the lease on the event in hand
+        self.thread: threading.Thread | None = None  # set by start()
+        self._snapshots_due = 0.0
+
+    # -- loop ----------------------------------------------------------------------------------
+
+    def start(self) -> threading.Thread:
+        """Run the loop in a daemon thread of this process (the web process's delivery thread)."""
+        self.thread = threading.Thread(target=self.run, name="wecom-mailer-worker", daemon=True)
+        self.thread.start()
+        return self.thread
+
+    def shutdown(self) -> None:
+        """Stop the loop and wait: the message in flight finishes, the lease is released."""
+        self.stop.set()
+        self.wakeup.set()
+        if self.thread is not None:
+            self.thread.join(timeout=self.settings.smtp_timeout + 5)
+
+    def run(self) -> None:
+        """Work until `stop` is set; a failure of one round is logged, never fatal."""
+        log.info("delivery worker %s started", self.owner)
+        while not self.stop.is_set():
+            try:
+                ensure_schema(self.engine)  # a worker started before its database creates the tables
+                self.ensure_snapshots()
+                busy = self.run_once()
+            except (DBAPIError, StateUnavailable) as exc:
+                reason = exc.orig.__class__.__name__ if isinstance(exc, DBAPIError) else str(exc)
+                log.warning("state database error, retrying in %.0f s: %s", POLL_SECONDS * 4, reason)
+                busy = False
+                self.stop.wait(POLL_SECONDS * 4)
+            except Exception:
+                log.exception("delivery round failed; continuing")
+                busy = False
+            if not busy:
+                self.wakeup.wait(POLL_SECONDS)
+                self.wakeup.clear()
+        log.info("delivery worker %s stopped", self.owner)
+
+    def run_once(self) -> bool:
+        """Process one due event, if any; True when there was one."""
+        row = outbox.claim_event(self.engine, self.owner, self.settings.lease_seconds)
+        if row is None:
+            return False
+        started = time.monotonic()
+        self.lease = LeaseKeeper(self.engine, row.id, self.owner, self.settings.lease_seconds)
+        try:
+            if row.status == "pending" and not expand(self, row):
+                return True
+            send_event(self, row, started)
+            return True
+        finally:
+            self.lease.close()
+
+    # -- member snapshots ----------------------------------------------------------------------
+
+    def ensure_snapshots(self) -> None:
+        """Take the member snapshot of each watched department that has none (at start-up, then retried)."""
+        if time.time() < self._snapshots_due:
+            return
+        taken = load_snapshots(self.engine, self.settings.department_ids, userids=())  # no member rows
+        missing = [d for d in self.settings.department_ids if d not in taken]
+        self._snapshots_due = float("inf")
+        if not missing:
+            return
+        try:
+            self.refresh_snapshots(self.client.list_members(missing, self.settings.fetch_child))
+            log.info("member snapshot taken for department(s) %s", ",".join(map(str, missing)))
+        except wecom.WeComError as exc:
+            self._snapshots_due = time.time() + SNAPSHOT_RETRY_SECONDS
+            log.warning("cannot take the member snapshot of department(s) %s yet: %s",
+                        ",".join(map(str, missing)), exc)
+
+    def refresh_snapshots(self, members_by_department) -> None:
+        for department_id, members in members_by_department.items():
+            covered = self.client.covered.get(department_id, (department_id,))
+            save_snapshot(self.engine, department_id, members, covered)
+
+    # -- an event's end, or its postponement -----------------------------------------------------
+
+    def finish(self, row, status: str, reason: str) -> bool:
+        """End the event with `status` and `reason` (ignored, skipped, failed); False: nothing to send."""
+        outbox.update_event(self.engine, row.id, self.owner, status=status, reason=reason,
+                            finished_at=time.time())
+        level = logging.WARNING if status == "failed" else logging.INFO
+        log.log(level, "event %s %s userid=%s: %s (%s)", row.id, row.change_type, row.user_id, status, reason)
+        self.observe_event(status)
+        return False
+
+    def postpone(self, row, reason: str) -> bool:
+        """A transient failure before deliveries exist: back off, or fail after RETRY_MAX_HOURS."""
+        now = time.time()
+        first = row.first_attempt_at or now
+        attempts = row.attempts + 1
+        if now - first > self.settings.retry_max_hours * 3600:
+            return self.finish(row, "failed", f"gave up after {attempts} attempts: {reason}")
+        delay = backoff.seconds(attempts, self.settings.retry_backoff)
+        outbox.update_event(self.engine, row.id, self.owner, attempts=attempts, first_attempt_at=first,
+                            next_attempt_at=now + delay, reason=reason)
+        log.warning("event %s %s: %s; retry %d in %.0f s", row.id, row.change_type, reason, attempts, delay)
+        return False
+
+    def observe_event(self, status: str) -> None:
+        if self.metrics:
+            self.metrics.event_finished(status)

@@ -1,0 +1,68 @@
+"""The parts of a running service, built once by create_app() and kept on the app (app.extensions)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from flask import Flask
+from sqlalchemy.engine import Engine
+
+import wecom
+from config import Settings
+from delivery.worker import Worker
+from ops import metrics
+from store.db import make_engine
+from store.tokens import TokenStore
+
+EXTENSION = "wecom_mailer"
+
+
+@dataclass
+class Services:
+    """Settings, engines, callback crypto and the delivery worker of this process (at most one)."""
+
+    settings: Settings
+    engine: Engine
+    template_engine: Engine
+    crypto: wecom.CallbackCrypto
+    worker: Worker | None = field(default=None)
+
+    def wecom_client(self) -> wecom.WeComClient:
+        """A WeCom API client whose access token is shared with every process through the state database."""
+        return wecom.WeComClient(self.settings, TokenStore(self.engine), observe=metrics.Recorder.wecom_call)
+
+    def make_worker(self, settings: Settings | None = None) -> Worker:
+        """A delivery worker on these engines (not started)."""
+        return Worker(settings or self.settings, self.engine, self.template_engine, self.wecom_client(),
+                      metrics.Recorder())
+
+    def start_worker(self) -> Worker:
+        """Start this process's delivery thread (gunicorn's post_worker_init, `flask worker`); once."""
+        if self.worker is None:
+            self.worker = self.make_worker()
+            self.worker.start()
+        return self.worker
+
+    def stop_worker(self) -> None:
+        """Let the message in flight finish and release the lease (gunicorn's worker_exit, SIGTERM)."""
+        if self.worker is not None:
+            self.worker.shutdown()
+
+    def wake_worker(self) -> None:
+        """Tell this process's delivery thread that work is due (after a callback or a retry)."""
+        if self.worker is not None:
+            self.worker.wakeup.set()
+
+
+def build(settings: Settings) -> Services:
+    """Engines and crypto for `settings`; connects to nothing yet."""
+    engine = make_engine(settings.database_url)
+    template_engine = (engine if settings.template_database_url == settings.database_url
+                       else make_engine(settings.template_database_url))
+    crypto = wecom.CallbackCrypto(settings.callback_token, settings.callback_aes_key, settings.corp_id,
+                                  settings.callback_max_skew)
+    return Services(settings, engine, template_engine, crypto)
+
+
+def of(app: Flask) -> Services:
+    """The services of `app` (flask.current_app in a request or command)."""
+    return app.extensions[EXTENSION]

@@ -1,0 +1,9 @@
+"""Alembic's entry point: migrations run on the connection store/migrate.py hands over (under its lock)."""
+from alembic import context
+
+from store.schema import metadata
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, target_metadata=metadata, render_as_batch=True)
+with context.begin_transaction():
+    context.run_migrations()

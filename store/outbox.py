@@ -1,0 +1,275 @@
+"""The outbox: events recorded once, claimed with leases, expanded into deliveries, marked one by one."""
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError, IntegrityError
+
+from store.db import StateUnavailable, autocommit_engine, with_retries
+from store.migrate import ensure_schema
+from store.schema import DELIVERY_OPEN, EVENT_OPEN, deliveries, events, insert_ignore
+
+
+def dedup_key(xml: str) -> str:
+    """Key of an event: WeCom resends the same plaintext, so digest it."""
+    return hashlib.sha256(xml.encode("utf-8")).hexdigest()
+
+
+# --- recording -----------------------------------------------------------------------------
+
+_INSERT_EVENT = events.insert()  # built once: the request path skips constructing it (~20 µs)
+
+
+def record_event(engine: Engine, xml: str, change, status: str, reason: str | None = None) -> tuple[int, bool]:
+    """Record a decrypted event once; return (event id, created). Raises StateUnavailable."""
+    key = dedup_key(xml)
+    now = time.time()
+    row = {"dedup_key": key, "change_type": change.change_type[:32], "user_id": change.user_id[:64],
+           "departments": ",".join(str(d) for d in change.departments)[:255],
+           "create_time": change.create_time, "xml": xml, "status": status, "reason": reason,
+           "attempts": 0, "received_at": now, "next_attempt_at": 0}
+    try:
+        ensure_schema(engine)
+        # A plain INSERT: MySQL's INSERT IGNORE would also turn "data too long" into a warning and cut the XML.
+        # Autocommitted: recorded for good in one round trip (no ping, no COMMIT, no ROLLBACK to the pool).
+        for attempt in (1, 2):
+            started = time.monotonic()
+            try:
+                with autocommit_engine(engine).connect() as conn:
+                    return conn.execute(_INSERT_EVENT, row).inserted_primary_key[0], True
+            except DBAPIError as exc:
+                # A pooled connection the server has dropped fails at once: try once more on a new one.
+                # A slow failure (a hung server) is not retried: WeCom's 5 s are nearly spent.
+                if attempt == 2 or not exc.connection_invalidated or time.monotonic() - started > 1:
+                    raise
+    except IntegrityError:  # the dedup key exists: a resend
+        with autocommit_engine(engine).connect() as conn:
+            return conn.execute(sa.select(events.c.id).where(events.c.dedup_key == key)).scalar_one(), False
+    except DBAPIError as exc:
+        raise StateUnavailable(str(exc.orig.__class__.__name__)) from exc
+
+
+# --- claiming events -----------------------------------------------------------------------
+
+def _lease_free(now: float):
+    return sa.or_(events.c.lease_until.is_(None), events.c.lease_until < now)
+
+
+def claim_event(engine: Engine, owner: str, lease_seconds: float):
+    """Take the next due event with a lease (compare-and-set), or None. Any number of processes may call this."""
+    now = time.time()
+    with engine.connect() as conn:
+        candidates = conn.execute(
+            sa.select(events.c.id)
+            .where(events.c.status.in_(EVENT_OPEN), events.c.next_attempt_at <= now, _lease_free(now))
+            .order_by(events.c.next_attempt_at, events.c.id).limit(8)).scalars().all()
+    for event_id in candidates:
+        def take():
+            with engine.begin() as conn:
+                return conn.execute(
+                    events.update()
+                    .where(events.c.id == event_id, events.c.status.in_(EVENT_OPEN), _lease_free(now))
+                    .values(lease_owner=owner, lease_until=now + lease_seconds)).rowcount
+        if with_retries(take) == 1:
+            with engine.connect() as conn:
+                return conn.execute(sa.select(events).where(events.c.id == event_id)).first()
+    return None
+
+
+def renew_lease(engine: Engine, event_id: int, owner: str, lease_seconds: float) -> bool:
+    """Extend our lease; False when another process has taken the event over."""
+    def renew():
+        with engine.begin() as conn:
+            return conn.execute(events.update()
+                                .where(events.c.id == event_id, events.c.lease_owner == owner)
+                                .values(lease_until=time.time() + lease_seconds)).rowcount
+    return with_retries(renew) == 1
+
+
+def update_event(engine: Engine, event_id: int, owner: str, release: bool = True, **values) -> bool:
+    """Write our outcome to an event we hold, releasing the lease; False if we no longer hold it."""
+    if release:
+        values.update(lease_owner=None, lease_until=None)
+
+    def write():
+        with engine.begin() as conn:
+            return conn.execute(events.update()
+                                .where(events.c.id == event_id, events.c.lease_owner == owner)
+                                .values(**values)).rowcount
+    return with_retries(write) == 1
+
+
+# --- deliveries ----------------------------------------------------------------------------
+
+def expand_event(engine: Engine, event_id: int, owner: str, subject: str, body: str,
+                 rows: list[dict]) -> bool:
+    """Write one delivery row per recipient and move the event to `sending`, in one transaction."""
+    now = time.time()
+    for row in rows:
+        row.setdefault("reason", None)
+        row.update(event_id=event_id, attempts=0, next_attempt_at=0)
+        if row["status"] != "pending":
+            row["first_attempt_at"] = now
+        else:
+            row.setdefault("first_attempt_at", None)
+
+    def write():
+        with engine.begin() as conn:
+            held = conn.execute(events.update()
+                                .where(events.c.id == event_id, events.c.lease_owner == owner,
+                                       events.c.status == "pending")
+                                .values(status="sending", subject=subject, body=body, reason=None)).rowcount
+            if held != 1:
+                conn.rollback()
+                return False
+            for start in range(0, len(rows), 1000):
+                conn.execute(insert_ignore(deliveries), rows[start:start + 1000])
+            return True
+    return with_retries(write)
+
+
+def due_deliveries(engine: Engine, event_id: int) -> list:
+    """The deliveries of one event that may be tried now."""
+    with engine.connect() as conn:
+        return conn.execute(
+            sa.select(deliveries.c.id, deliveries.c.address, deliveries.c.name, deliveries.c.userid,
+                      deliveries.c.attempts, deliveries.c.first_attempt_at)
+            .where(deliveries.c.event_id == event_id, deliveries.c.status.in_(DELIVERY_OPEN),
+                   deliveries.c.next_attempt_at <= time.time())
+            .order_by(deliveries.c.id)).all()
+
+
+class DeliveryMarks:
+    """Delivery outcomes of a sending round: each writing thread keeps a connection of its own, every UPDATE
+    autocommitted, so a mark is durable when mark() returns after one round trip (no pool checkout and
+    ping, no separate COMMIT)."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._local = threading.local()
+        self._opened: list = []
+        self._lock = threading.Lock()
+
+    # Built once: the columns set come from the parameters, so per mark only the values change; the
+    # status list is rendered inline (literal_execute), sparing the per-execution expansion of IN.
+    _statement = (deliveries.update()
+                  .where(deliveries.c.id == sa.bindparam("delivery_id"),
+                         deliveries.c.status.in_(sa.bindparam("open_statuses", list(DELIVERY_OPEN),
+                                                              literal_execute=True))))
+
+    def mark(self, delivery_id: int, **values) -> None:
+        """Record one delivery's outcome; only an open row changes (a sent row stays sent)."""
+        self._execute(self._statement, {"delivery_id": delivery_id, **values})
+
+    def _execute(self, statement, parameters: dict) -> None:
+        def write():
+            conn = getattr(self._local, "conn", None)
+            if conn is None:
+                conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                self._local.conn = conn
+                with self._lock:
+                    self._opened.append(conn)
+            try:
+                conn.execute(statement, parameters)
+            except DBAPIError:
+                self._local.conn = None  # the next try starts from a fresh connection
+                conn.close()
+                raise
+        with_retries(write)
+
+    # Every sent mark alike (attempts and first attempt follow from the row), so any number in one UPDATE.
+    _sent_statement = (deliveries.update()
+                       .where(deliveries.c.id.in_(sa.bindparam("delivery_ids", expanding=True)),
+                              deliveries.c.status.in_(sa.bindparam("open_statuses", list(DELIVERY_OPEN),
+                                                                   literal_execute=True)))
+                       .values(status="sent", sent_at=sa.bindparam("now"), attempts=deliveries.c.attempts + 1,
+                               first_attempt_at=sa.func.coalesce(deliveries.c.first_attempt_at,
+                                                                 sa.bindparam("now")),
+                               reason=None))
+
+    def mark_sent(self, delivery_ids: list[int], now: float) -> None:
+        """Mark deliveries sent in one autocommitted UPDATE (still open ones only)."""
+        self._execute(self._sent_statement, {"delivery_ids": list(delivery_ids), "now": now})
+
+    def close(self) -> None:
+        """Give every thread's connection back to the pool."""
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for conn in opened:
+            conn.close()
+
+
+def postpone_untried(engine: Engine, event_id: int, until: float, give_up_before: float | None = None,
+                     reason: str = "") -> None:
+    """Deliveries left untried after a connection failure wait with the ones that failed. Their RETRY_MAX_HOURS
+    clock starts with this round, and those whose clock started before `give_up_before` fail with `reason`."""
+    now = time.time()
+    untried = (deliveries.c.event_id == event_id, deliveries.c.status.in_(DELIVERY_OPEN),
+               deliveries.c.next_attempt_at <= now)
+
+    def write():
+        with engine.begin() as conn:
+            if give_up_before is not None:
+                conn.execute(deliveries.update().where(*untried, deliveries.c.first_attempt_at < give_up_before)
+                             .values(status="failed", reason=reason[:1000]))
+            conn.execute(deliveries.update().where(*untried)
+                         .values(next_attempt_at=until,
+                                 first_attempt_at=sa.func.coalesce(deliveries.c.first_attempt_at, now)))
+    with_retries(write)
+
+
+def delivery_counts(engine: Engine, event_id: int) -> dict[str, int]:
+    """Deliveries of one event by status."""
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(deliveries.c.status, sa.func.count())
+                            .where(deliveries.c.event_id == event_id)
+                            .group_by(deliveries.c.status)).all()
+    return {status: count for status, count in rows}
+
+
+def next_open_delivery_at(engine: Engine, event_id: int) -> float | None:
+    """When the earliest open delivery of an event is due; None when all are final."""
+    with engine.connect() as conn:
+        return conn.execute(sa.select(sa.func.min(deliveries.c.next_attempt_at))
+                            .where(deliveries.c.event_id == event_id,
+                                   deliveries.c.status.in_(DELIVERY_OPEN))).scalar()
+
+
+def event_message(engine: Engine, event_id: int) -> tuple[str, str]:
+    """The rendered subject and body of an expanded event."""
+    with engine.connect() as conn:
+        return tuple(conn.execute(sa.select(events.c.subject, events.c.body)
+                                  .where(events.c.id == event_id)).one())
+
+
+# --- requeueing (`retry`, /admin) ----------------------------------------------------------
+
+def requeue(engine, event_id: int | None = None) -> tuple[int, int]:
+    """Make failed deliveries (and failed events) due again; return (events, deliveries) requeued."""
+    now = time.time()
+
+    def write():
+        with engine.begin() as conn:
+            d_where = [deliveries.c.status == "failed"]
+            e_where = [events.c.status == "failed"]
+            if event_id is not None:
+                d_where.append(deliveries.c.event_id == event_id)
+                e_where.append(events.c.id == event_id)
+            n_deliveries = conn.execute(deliveries.update().where(*d_where).values(
+                status="retry", next_attempt_at=now, first_attempt_at=now, attempts=0)).rowcount
+            # A failed event that never got deliveries starts over; one with deliveries resumes sending.
+            expanded = sa.exists().where(deliveries.c.event_id == events.c.id)
+            n_events = conn.execute(events.update().where(*e_where, ~expanded).values(
+                status="pending", next_attempt_at=now, first_attempt_at=None, attempts=0, reason="requeued",
+                finished_at=None)).rowcount
+            reopened = [deliveries.c.event_id == events.c.id, deliveries.c.status.in_(DELIVERY_OPEN)]
+            conn.execute(events.update().where(events.c.status.in_(("done", "failed")),
+                                               sa.exists().where(*reopened),
+                                               *([events.c.id == event_id] if event_id is not None else []))
+                         .values(status="sending", next_attempt_at=now, finished_at=None))
+            return n_events, n_deliveries
+    return with_retries(write)

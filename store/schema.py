@@ -1,0 +1,113 @@
+"""Every table of the service, declared once (SQLAlchemy Core); migrations/ turns changes into upgrades."""
+from __future__ import annotations
+
+from sqlalchemy import (BigInteger, Column, Double, Index, Integer, MetaData, String, Table, Text,
+                        UniqueConstraint)
+from sqlalchemy.dialects.mysql import MEDIUMTEXT
+
+metadata = MetaData()
+
+# Event status: pending (recorded, not yet expanded) → sending (deliveries written) → done;
+# or ignored / skipped / failed, with `reason`.
+EVENT_OPEN = ("pending", "sending")
+EVENT_STATUSES = ("pending", "sending", "done", "failed", "skipped", "ignored")
+# Delivery status: pending → sent | retry → … | failed | skipped (no address).
+DELIVERY_OPEN = ("pending", "retry")
+DELIVERY_STATUSES = ("pending", "retry", "sent", "failed", "skipped")
+
+Id = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements only INTEGER keys
+# MySQL's TEXT holds 64 KB; an event's XML (up to CALLBACK_MAX_BODY_BYTES) and its rendered message may not fit.
+LongText = Text().with_variant(MEDIUMTEXT(), "mysql", "mariadb")
+
+events = Table(
+    "wm_events", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("dedup_key", String(64), nullable=False),
+    Column("change_type", String(32), nullable=False, default=""),
+    Column("user_id", String(64), nullable=False, default=""),
+    Column("departments", String(255), nullable=False, default=""),
+    Column("create_time", BigInteger),
+    Column("xml", LongText, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("reason", Text),
+    Column("subject", LongText),
+    Column("body", LongText),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("received_at", Double, nullable=False),
+    Column("first_attempt_at", Double),
+    Column("next_attempt_at", Double, nullable=False, default=0),
+    Column("finished_at", Double),
+    Column("lease_owner", String(64)),
+    Column("lease_until", Double),
+    UniqueConstraint("dedup_key", name="uq_wm_events_dedup"),
+    Index("ix_wm_events_due", "status", "next_attempt_at"),
+)
+
+deliveries = Table(
+    "wm_deliveries", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("event_id", BigInteger, nullable=False),
+    Column("userid", String(64), nullable=False),
+    Column("name", String(255), nullable=False, default=""),
+    Column("address", String(320)),  # NULL when skipped for want of an address (unique allows many NULLs)
+    Column("status", String(16), nullable=False),
+    Column("reason", Text),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("first_attempt_at", Double),
+    Column("next_attempt_at", Double, nullable=False, default=0),
+    Column("sent_at", Double),
+    UniqueConstraint("event_id", "address", name="uq_wm_deliveries_event_address"),
+    Index("ix_wm_deliveries_status", "status", "next_attempt_at"),
+)
+
+department_snapshots = Table(
+    "wm_department_snapshots", metadata,
+    Column("department_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("taken_at", Double, nullable=False),
+    Column("member_count", Integer, nullable=False, default=0),
+    Column("covered", Text, nullable=False, default=""),  # the department and, with FETCH_CHILD, its descendants
+)
+
+snapshot_members = Table(
+    "wm_snapshot_members", metadata,
+    Column("department_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("userid", String(64), primary_key=True),
+    Column("name", String(255), nullable=False, default=""),
+)
+
+address_book = Table(
+    "wm_address_book", metadata,
+    Column("userid", String(64), primary_key=True),  # stored lower case: WeCom userids are case-insensitive
+    Column("email", String(320), nullable=False),
+    Column("updated_at", Double, nullable=False),
+)
+
+access_tokens = Table(
+    "wm_access_tokens", metadata,
+    Column("key", String(64), primary_key=True),  # digest of corp id + secret: the secret is never stored
+    Column("access_token", String(512), nullable=False),
+    Column("expires_at", Double, nullable=False),
+)
+
+
+def template_table(name: str) -> Table:
+    """The original flow's template table (TEMPLATE_TABLE): only the columns it uses; an existing one may have more.
+
+    It lives in TEMPLATE_DATABASE_URL, which the service may only read, so it is not part of `metadata`
+    and no migration touches it; `init-db --seed-templates` creates it where asked to.
+    """
+    return Table(
+        name, MetaData(),
+        Column("app", String(64), nullable=False),
+        Column("change_type", String(64), nullable=False),
+        Column("email_title", String(255), nullable=False),
+        Column("email_body", Text, nullable=False),
+        UniqueConstraint("app", "change_type", name=f"uq_{name}_app_change"[:64]),
+        mysql_charset="utf8mb4", mysql_engine="InnoDB",
+    )
+
+
+def insert_ignore(table: Table):
+    """INSERT that skips rows whose unique key exists (SQLite and MySQL/MariaDB)."""
+    return table.insert().prefix_with("OR IGNORE", dialect="sqlite").prefix_with("IGNORE", dialect="mysql")
+
