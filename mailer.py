@@ -1,4 +1,5 @@
-"""The one place that talks SMTP: build each member's message and send it (SMTP, .eml files or stdout)."""
+"""Messages and what the server said about them: build each member's message, read SMTP replies (sent,
+transient, permanent, throttled), and the file and console backends. smtp_session.py holds the connection."""
 from __future__ import annotations
 
 import logging
@@ -7,16 +8,14 @@ import re
 import smtplib
 import ssl
 import tempfile
-import threading
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from email import policy
 from email.headerregistry import Address
 from email.message import EmailMessage
+from email.parser import BytesParser
 from email.utils import format_datetime, formataddr, make_msgid, parseaddr
 from pathlib import Path
-from typing import Callable, Iterable
 
 from config import Settings, mask
 
@@ -45,9 +44,21 @@ class MailError(Exception):
     """SMTP does not work with the current settings; the message names the cause and the fix."""
 
 
+# Provider answers that mean "slow down", whatever their code (../shared/reference/smtp-providers.md):
+# transient, and counted towards the three refusals in a row that pause the connection.
+THROTTLING = (
+    (re.compile(r"frequency limited", re.I), "QQ Mail / Exmail: connection, sender or domain frequency"),
+    (re.compile(r"too many (connections|messages|mails|recipients|sessions)", re.I), "too many at once"),
+    (re.compile(r"too much mail", re.I), "Postfix anvil (smtpd_client_message_rate_limit)"),
+    (re.compile(r"rate limit|slow down|sending limit", re.I), "a rate limit"),
+)
+# The day's quota is used up: retrying within seconds or minutes only adds refusals; wait for tomorrow.
+QUOTA = ((re.compile(r"\bMI:STC\b"), "NetEase: the day's sending quota is used up"),)
+
+
 @dataclass(frozen=True)
 class Outgoing:
-    """One message to one recipient."""
+    """One message to one recipient; `delivery_id` names it in logs and files (a delivery or a digest)."""
     delivery_id: int
     address: str
     name: str
@@ -57,13 +68,25 @@ class Outgoing:
 
 @dataclass(frozen=True)
 class SendResult:
-    """The outcome of one message; `permanent` means a retry cannot help."""
+    """The outcome of one message: `permanent` means a retry cannot help; `throttled`, that the provider asked
+    to slow down; `quota`, that its daily quota is used up; `sender_refused`, that MAIL FROM itself was."""
     ok: bool
     permanent: bool = False
     reason: str = ""
+    throttled: bool = False
+    quota: bool = False
+    sender_refused: bool = False
 
 
 SENT = SendResult(ok=True)
+
+
+class Unsendable(Exception):
+    """This item cannot become an email (bad address, a subject the email package cannot encode)."""
+
+    def __init__(self, result: SendResult):
+        super().__init__(result.reason)
+        self.result = result
 
 
 def header_text(text: str) -> str:
@@ -92,29 +115,38 @@ def build_message(settings: Settings, item: Outgoing) -> EmailMessage:
     message["Subject"] = header_text(item.subject)
     message["Date"] = format_datetime(datetime.now(settings.tz))
     # An explicit domain also spares make_msgid a DNS lookup of this host's name.
-    message["Message-ID"] = make_msgid(domain=_sender(settings).rpartition("@")[2] or "wecom-mailer.invalid")
+    message["Message-ID"] = make_msgid(domain=envelope_sender(settings).rpartition("@")[2] or "wecom-mailer.invalid")
     message.set_content(item.body, charset="utf-8")
     return message
 
 
-class _Renderer:
-    """build_message(...).as_bytes() for a batch: what every recipient of one subject and body shares is
-    serialised once, only To, Date and Message-ID per message (the email package takes ~0.7 ms a message)."""
+class Renderer:
+    """The bytes of each item's message, for a batch: what every recipient of one subject and body shares is
+    serialised once, only To, Date and Message-ID per message (the email package takes ~0.7 ms a message).
+    Raises Unsendable for an item that cannot be an email; the batch goes on."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.domain = _sender(settings).rpartition("@")[2] or "wecom-mailer.invalid"
+        self.domain = envelope_sender(settings).rpartition("@")[2] or "wecom-mailer.invalid"
         self._shared: dict[tuple[str, str], bytes] = {}
 
     def __call__(self, item: Outgoing) -> bytes:
-        shared = self._shared.get((item.subject, item.body))
-        if shared is None:
-            message = build_message(self.settings, item)
-            for name in ("To", "Date", "Message-ID"):
-                del message[name]
-            shared = self._shared[(item.subject, item.body)] = message.as_bytes()
-        return b"".join((self._to(item), b"Date: ", format_datetime(datetime.now(self.settings.tz)).encode(),
-                         b"\r\nMessage-ID: ", make_msgid(domain=self.domain).encode(), b"\r\n", shared))
+        problem = address_problem(item.address)
+        if problem:
+            raise Unsendable(SendResult(ok=False, permanent=True, reason=problem))
+        try:
+            shared = self._shared.get((item.subject, item.body))
+            if shared is None:
+                message = build_message(self.settings, item)
+                for name in ("To", "Date", "Message-ID"):
+                    del message[name]
+                shared = self._shared[(item.subject, item.body)] = message.as_bytes()
+            return b"".join((self._to(item), b"Date: ", format_datetime(datetime.now(self.settings.tz)).encode(),
+                             b"\r\nMessage-ID: ", make_msgid(domain=self.domain).encode(), b"\r\n", shared))
+        except (ValueError, UnicodeError) as exc:  # e.g. the email package's header encoder on odd subjects
+            raise Unsendable(SendResult(ok=False, permanent=True, reason=(
+                f"message cannot be built ({exc.__class__.__name__}): check the template's email_title and "
+                "email_body"))) from None
 
     def _to(self, item: Outgoing) -> bytes:
         # formataddr quotes or RFC 2047-encodes the name as the policy would; a long name is folded by it.
@@ -126,181 +158,32 @@ class _Renderer:
         return message.as_bytes()[:-2]  # the header block without the blank line that ends it
 
 
-def send_all(settings: Settings, items: Iterable[Outgoing],
-             on_result: Callable[[Outgoing, SendResult], bool | None],
-             stop: threading.Event | None = None, *, tls_context: ssl.SSLContext | None = None,
-             before_content: Callable[[], None] | None = None) -> None:
-    """Send every item with MAIL_BACKEND, calling on_result right after each outcome; False from it stops.
-
-    With SMTP, `before_content` runs in the sending thread once the server has answered DATA, right
-    before the message itself goes out: the last moment to finish what the previous outcome started.
-    """
-    stop = stop or threading.Event()
-    halt = threading.Event()  # on_result said stop, or a thread failed
-    pending, lock = iter(items), threading.Lock()
-
-    def next_item() -> Outgoing | None:
-        with lock:  # one shared iterator: each item goes to exactly one thread
-            return None if stop.is_set() or halt.is_set() else next(pending, None)
-
-    def work(send: Callable[[Outgoing, EmailMessage | bytes], SendResult], alive: Callable[[], bool],
-             render: Callable[[Outgoing], EmailMessage | bytes] = lambda item: build_message(settings, item)) -> None:
-        try:
-            while alive() and (item := next_item()) is not None:
-                result = _attempt(item, send, render)
-                _log_result(item, result)
-                if on_result(item, result) is False:
-                    halt.set()
-        except BaseException:
-            halt.set()  # the other threads stop too; the error reaches the caller via its future
-            raise
-
-    renderer = _Renderer(settings)
-
-    def smtp_thread() -> None:
-        connection = _SmtpConnection(settings, tls_context, before_content)
-        try:
-            work(connection.send, lambda: not connection.broken, renderer)
-        finally:
-            connection.close(quit=True)
-
-    if settings.mail_backend == "smtp":
-        with ThreadPoolExecutor(settings.smtp_connections, thread_name_prefix="smtp") as pool:
-            for future in [pool.submit(smtp_thread) for _ in range(settings.smtp_connections)]:
-                future.result()
-    elif settings.mail_backend == "file":
-        work(lambda item, message: _write_eml(Path(settings.mail_file_dir), item, message), lambda: True)
-    else:
-        work(_print_message, lambda: True)
+def refusal(code: int, text: bytes | str, settings: Settings, sender: bool = False) -> SendResult:
+    """What a refusing SMTP reply means: 4xx transient, 5xx permanent, unless the text says "throttled"
+    (transient whatever its code) or "quota used up"; a refused sender names the settings to check."""
+    said = reply_text(text)
+    reason = mask(f"{code} {said}", settings)
+    if any(pattern.search(said) for pattern, _ in QUOTA):
+        return SendResult(ok=False, reason=reason, quota=True)
+    if any(pattern.search(said) for pattern, _ in THROTTLING):
+        return SendResult(ok=False, reason=reason, throttled=True)
+    if sender:
+        # Not about this recipient: the next messages would be refused alike. Transient, so that the
+        # backoff waits for the settings to be fixed (a 5xx) or the server to recover (a 4xx).
+        hint = f": {SENDER_HINT}" if code >= 500 else ""
+        return SendResult(ok=False, reason=f"sender refused ({reason}){hint}", sender_refused=True)
+    return SendResult(ok=False, permanent=code >= 500, reason=reason)
 
 
-def check_smtp(settings: Settings, *, tls_context: ssl.SSLContext | None = None) -> str:
-    """Connect, secure and log in as configured, send nothing, QUIT; describe it or raise MailError."""
-    try:
-        smtp = _open(settings, tls_context)
-    except OSError as exc:  # smtplib.SMTPException is an OSError too
-        raise MailError(_connect_failure(settings, exc)) from None
-    tls = smtp.sock.version() if isinstance(smtp.sock, ssl.SSLSocket) else "no TLS"
-    _quit(smtp)
-    login = f"logged in as {settings.smtp_user}" if settings.smtp_user else "no login (SMTP_USER is empty)"
-    return f"SMTP {settings.smtp_host}:{settings.smtp_port} ({settings.smtp_security}): {tls}, {login}"
-
-
-class _SmtpConnection:
-    """One sending thread's SMTP connection: reused for all its messages, reopened once when dropped."""
-
-    def __init__(self, settings: Settings, tls_context: ssl.SSLContext | None,
-                 before_content: Callable[[], None] | None = None):
-        self.settings = settings
-        self.tls_context = tls_context
-        self.before_content = before_content
-        self.smtp: _SMTP | None = None
-        self.broken = False  # cannot connect or log in: this thread sends nothing more
-
-    def send(self, item: Outgoing, message: bytes) -> SendResult:
-        """Send to item.address: 250 → ok, 4xx → transient, 5xx → permanent for this recipient."""
-        for retry in (False, True):
-            if self.smtp is None:
-                try:
-                    self.smtp = _open(self.settings, self.tls_context)
-                except OSError as exc:  # smtplib.SMTPException is an OSError too
-                    self.broken = True
-                    return SendResult(ok=False, reason=_connect_failure(self.settings, exc))
-                if self.before_content:
-                    self.smtp.before_content = self.before_content
-            try:
-                # On a refusal smtplib sends RSET itself, so the connection stays usable.
-                self.smtp.sendmail(_sender(self.settings), [item.address], message)
-                return SENT
-            except smtplib.SMTPRecipientsRefused as exc:
-                code, text = exc.recipients[item.address]
-            except smtplib.SMTPSenderRefused as exc:
-                # Not about this recipient: the next messages would be refused alike, so stop here
-                # and leave them for a later retry (after the settings are fixed, for a 5xx).
-                self.broken = True
-                why = f"sender refused ({exc.smtp_code} {_reply_text(exc.smtp_error)})"
-                hint = f": {SENDER_HINT}" if exc.smtp_code >= 500 else ""
-                return SendResult(ok=False, reason=mask(why + hint, self.settings))
-            except smtplib.SMTPResponseException as exc:
-                code, text = exc.smtp_code, exc.smtp_error
-            except OSError as exc:  # dropped: SMTPServerDisconnected, reset, timeout
-                self.close()
-                if retry:
-                    return SendResult(ok=False, reason=f"connection lost twice: {_reply_text(exc)}")
-                continue
-            if code == 421:  # the server is closing this connection; the next message reconnects
-                self.close()
-            return SendResult(ok=False, permanent=code >= 500,
-                              reason=mask(f"{code} {_reply_text(text)}", self.settings))
-        raise AssertionError("unreachable")
-
-    def close(self, quit: bool = False) -> None:
-        """Close the connection; QUIT first only when asked (a dropped peer would not answer)."""
-        if self.smtp is not None:
-            smtp, self.smtp = self.smtp, None
-            if quit:
-                _quit(smtp)
-            else:
-                smtp.close()
-
-
-class _SMTP(smtplib.SMTP):
-    """smtplib.SMTP calling `before_content` between the server's 354 to DATA and the message itself."""
-
-    @staticmethod
-    def before_content() -> None:
-        pass
-
-    def getreply(self):
-        code, text = super().getreply()
-        if code == 354:
-            try:
-                self.before_content()
-            except BaseException:
-                self.close()  # mid-DATA a QUIT would be read as text; cut off before the final dot, nothing is accepted
-                raise
-        return code, text
-
-
-class _SMTP_SSL(_SMTP, smtplib.SMTP_SSL):
-    pass
-
-
-def _open(settings: Settings, tls_context: ssl.SSLContext | None) -> _SMTP:
-    """Connect, secure (SMTP_SECURITY) and log in (when SMTP_USER is set)."""
-    context = tls_context or ssl.create_default_context()
-    host, port, timeout = settings.smtp_host, settings.smtp_port, settings.smtp_timeout
-    if settings.smtp_security == "ssl":
-        smtp = _SMTP_SSL(host, port, timeout=timeout, context=context)
-    else:
-        smtp = _SMTP(host, port, timeout=timeout)
-    try:
-        smtp.ehlo()
-        if settings.smtp_security == "starttls":
-            smtp.starttls(context=context)
-        if settings.smtp_user:
-            smtp.login(settings.smtp_user, settings.smtp_password)
-    except BaseException:
-        smtp.close()
-        raise
-    return smtp
-
-
-def _quit(smtp: smtplib.SMTP) -> None:
-    try:
-        smtp.quit()
-    except OSError:  # already gone: nothing left to say goodbye to
-        smtp.close()
-
-
-def _connect_failure(settings: Settings, exc: OSError) -> str:
+def connect_failure(settings: Settings, exc: OSError) -> str:
     """Why the connection could not be opened, and which setting to check."""
     if isinstance(exc, smtplib.SMTPAuthenticationError):
-        why = (f"login as {settings.smtp_user} refused ({exc.smtp_code} {_reply_text(exc.smtp_error)}): "
+        why = (f"login as {settings.smtp_user} refused ({exc.smtp_code} {reply_text(exc.smtp_error)}): "
                + LOGIN_HINT)
     elif isinstance(exc, ssl.SSLCertVerificationError):
-        why = (f"TLS certificate not trusted ({exc.verify_message}): SMTP_HOST must be the name "
-               "on the server's certificate")
+        trust = f"SMTP_CA_FILE={settings.smtp_ca_file}" if settings.smtp_ca_file else "the system trust store"
+        why = (f"TLS certificate not trusted ({exc.verify_message}, checked against {trust}): SMTP_HOST must be "
+               "the name on the server's certificate; for a relay with a private CA set SMTP_CA_FILE")
     elif isinstance(exc, ssl.SSLError):
         why = f"TLS failed ({exc.reason}): check SMTP_SECURITY matches SMTP_PORT (ssl: 465, starttls: 587)"
     elif isinstance(exc, smtplib.SMTPNotSupportedError):
@@ -309,14 +192,14 @@ def _connect_failure(settings: Settings, exc: OSError) -> str:
         why = (f"no answer within {settings.smtp_timeout:g} s: check SMTP_HOST, SMTP_PORT, "
                "SMTP_SECURITY (ssl: 465, starttls: 587) and that outbound SMTP is not blocked")
     elif isinstance(exc, smtplib.SMTPResponseException):
-        why = f"refused: {exc.smtp_code} {_reply_text(exc.smtp_error)}"
+        why = f"refused: {exc.smtp_code} {reply_text(exc.smtp_error)}"
     else:
-        why = f"cannot connect ({_reply_text(exc)}): check SMTP_HOST and SMTP_PORT"
+        why = f"cannot connect ({reply_text(exc)}): check SMTP_HOST and SMTP_PORT"
     where = f"SMTP {settings.smtp_host}:{settings.smtp_port} ({settings.smtp_security})"
     return mask(f"{where}: {why}", settings)
 
 
-def _reply_text(value: bytes | str | BaseException) -> str:
+def reply_text(value: bytes | str | BaseException) -> str:
     """A server reply or error as one line of text."""
     if isinstance(value, OSError) and value.strerror:
         value = value.strerror
@@ -324,12 +207,12 @@ def _reply_text(value: bytes | str | BaseException) -> str:
     return " ".join(text.split()) or type(value).__name__
 
 
-def _sender(settings: Settings) -> str:
+def envelope_sender(settings: Settings) -> str:
     """The envelope sender: the address in MAIL_FROM, which may be `Name <addr>`."""
     return parseaddr(settings.mail_from)[1] or settings.mail_from
 
 
-def _write_eml(directory: Path, item: Outgoing, message: EmailMessage) -> SendResult:
+def write_eml(directory: Path, item: Outgoing, message: bytes) -> SendResult:
     """Write `message` as <delivery id>-<address>.eml; atomically, so a reader never sees half a file."""
     safe_address = re.sub(r"[^A-Za-z0-9@._+-]", "_", item.address)[:100]
     path = directory / f"{item.delivery_id:08d}-{safe_address}.eml"
@@ -338,7 +221,7 @@ def _write_eml(directory: Path, item: Outgoing, message: EmailMessage) -> SendRe
         fd, temp = tempfile.mkstemp(dir=directory, prefix=".", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as file:
-                file.write(message.as_bytes())
+                file.write(message)
             os.replace(temp, path)
         except BaseException:
             os.unlink(temp)
@@ -348,30 +231,19 @@ def _write_eml(directory: Path, item: Outgoing, message: EmailMessage) -> SendRe
     return SENT
 
 
-def _print_message(item: Outgoing, message: EmailMessage) -> SendResult:
+def print_message(item: Outgoing, data: bytes) -> SendResult:
     """Print headers and decoded body to stdout (MAIL_BACKEND=console)."""
+    message = BytesParser(policy=policy.default).parsebytes(data)
     headers = "".join(f"{name}: {value}\n" for name, value in message.items())
     print(f"{headers}\n{message.get_content().rstrip()}\n{'-' * 72}", flush=True)
     return SENT
 
 
-def _attempt(item: Outgoing, send, render) -> SendResult:
-    """One message: an address or content that cannot become an email fails it, not the whole round."""
-    problem = address_problem(item.address)
-    if problem:
-        return SendResult(ok=False, permanent=True, reason=problem)
-    try:
-        message = render(item)
-    except (ValueError, UnicodeError) as exc:  # e.g. the email package's header encoder on odd subjects
-        return SendResult(ok=False, permanent=True, reason=f"message cannot be built ({exc.__class__.__name__}): "
-                                                           "check the template's email_title and email_body")
-    return send(item, message)
-
-
-def _log_result(item: Outgoing, result: SendResult) -> None:
+def log_result(item: Outgoing, result: SendResult) -> None:
+    """One line per message: the member's name and address, and what happened."""
     who = f"{header_text(item.name)} <{header_text(item.address)}>"
     if result.ok:  # the original flow logged each member's name at INFO; operators grep for it
         log.info("delivery %d: mailed %s", item.delivery_id, who)
     else:
-        kind = "permanent" if result.permanent else "transient"
+        kind = "permanent" if result.permanent else "throttled" if result.throttled else "transient"
         log.warning("delivery %d to %s failed (%s): %s", item.delivery_id, who, kind, result.reason)

@@ -51,7 +51,7 @@ def expand(worker, row) -> bool:
     rows = [{"userid": member.userid[:64], "name": member.name[:255], "address": address,
              "status": "pending" if address else "skipped", "reason": None if address else "no address"}
             for member, address in resolved]
-    if not outbox.expand_event(worker.engine, row.id, worker.owner, subject, body, rows):
+    if not outbox.expand_event(worker.engine, row.id, worker.owner, subject, body, rows, now=worker.clock()):
         log.warning("event %s: lease lost while expanding; another worker has it", row.id)
         return False
     return True

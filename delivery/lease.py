@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from sqlalchemy.exc import DBAPIError
 
@@ -15,9 +16,10 @@ class LeaseKeeper:
     """Renews the lease on one event every LEASE_SECONDS/3 from its own thread; `lost` is set once someone
     else holds it (then the sending round stops after the message in flight)."""
 
-    def __init__(self, engine, event_id: int, owner: str, lease_seconds: float):
+    def __init__(self, engine, event_id: int, owner: str, lease_seconds: float, clock=time.time):
         self.lost = threading.Event()
         self._done = threading.Event()
+        self._clock = clock
         self._args = (engine, event_id, owner, lease_seconds)
         self._thread = threading.Thread(target=self._renew, name="wecom-mailer-lease", daemon=True)
         self._thread.start()
@@ -26,7 +28,7 @@ class LeaseKeeper:
         engine, event_id, owner, lease_seconds = self._args
         while not self._done.wait(lease_seconds / 3):
             try:
-                if not outbox.renew_lease(engine, event_id, owner, lease_seconds):
+                if not outbox.renew_lease(engine, event_id, owner, lease_seconds, now=self._clock()):
                     self.lost.set()
                     return
             except DBAPIError as exc:  # try again at the next beat; the lease may run out meanwhile

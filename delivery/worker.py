@@ -11,10 +11,12 @@ import uuid
 from sqlalchemy.exc import DBAPIError
 
 import wecom
-from delivery import backoff
+from delivery import retry
+from delivery.event_round import send_event
 from delivery.expand import expand
 from delivery.lease import LeaseKeeper
-from delivery.sending import send_event
+from delivery.limits import Gate
+from smtp_session import Pool
 from store import outbox
 from store.db import StateUnavailable
 from store.migrate import ensure_schema
@@ -28,15 +30,19 @@ SNAPSHOT_RETRY_SECONDS = 60.0
 class Worker:
     """One delivery loop; owns its lease identity. Run it in a thread (web) or alone (`flask worker`)."""
 
-    def __init__(self, settings, engine, template_engine, client, metrics=None):
+    def __init__(self, settings, engine, template_engine, client, metrics=None, clock=time.time):
         self.settings = settings
         self.engine = engine
         self.template_engine = template_engine
         self.client = client
         self.metrics = metrics
+        self.clock = clock  # every time the worker writes or compares; tests move it to tomorrow
         self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.stop = threading.Event()
         self.wakeup = threading.Event()
+        # SMTP connections stay open across events (up to 30 s idle): a burst of small events logs in once.
+        self.smtp_pool = Pool(settings) if settings.mail_backend == "smtp" else None
+        self.gate = Gate(engine, settings, lambda: self.clock(), self.stop)
         self.lease: LeaseKeeper | None = None  # the lease on the event in hand
         self.thread: threading.Thread | None = None  # set by start()
         self._snapshots_due = 0.0
@@ -55,6 +61,8 @@ class Worker:
         self.wakeup.set()
         if self.thread is not None:
             self.thread.join(timeout=self.settings.smtp_timeout + 5)
+        if self.smtp_pool is not None and (self.thread is None or not self.thread.is_alive()):
+            self.smtp_pool.close()
 
     def run(self) -> None:
         """Work until `stop` is set; a failure of one round is logged, never fatal."""
@@ -73,17 +81,21 @@ class Worker:
                 log.exception("delivery round failed; continuing")
                 busy = False
             if not busy:
+                if self.smtp_pool is not None:
+                    self.smtp_pool.close_idle()
                 self.wakeup.wait(POLL_SECONDS)
                 self.wakeup.clear()
+        if self.smtp_pool is not None:
+            self.smtp_pool.close()
         log.info("delivery worker %s stopped", self.owner)
 
     def run_once(self) -> bool:
         """Process one due event, if any; True when there was one."""
-        row = outbox.claim_event(self.engine, self.owner, self.settings.lease_seconds)
+        row = outbox.claim_event(self.engine, self.owner, self.settings.lease_seconds, now=self.clock())
         if row is None:
             return False
         started = time.monotonic()
-        self.lease = LeaseKeeper(self.engine, row.id, self.owner, self.settings.lease_seconds)
+        self.lease = LeaseKeeper(self.engine, row.id, self.owner, self.settings.lease_seconds, self.clock)
         try:
             if row.status == "pending" and not expand(self, row):
                 return True
@@ -121,7 +133,7 @@ class Worker:
     def finish(self, row, status: str, reason: str) -> bool:
         """End the event with `status` and `reason` (ignored, skipped, failed); False: nothing to send."""
         outbox.update_event(self.engine, row.id, self.owner, status=status, reason=reason,
-                            finished_at=time.time())
+                            finished_at=self.clock())
         level = logging.WARNING if status == "failed" else logging.INFO
         log.log(level, "event %s %s userid=%s: %s (%s)", row.id, row.change_type, row.user_id, status, reason)
         self.observe_event(status)
@@ -129,12 +141,12 @@ class Worker:
 
     def postpone(self, row, reason: str) -> bool:
         """A transient failure before deliveries exist: back off, or fail after RETRY_MAX_HOURS."""
-        now = time.time()
+        now = self.clock()
         first = row.first_attempt_at or now
         attempts = row.attempts + 1
         if now - first > self.settings.retry_max_hours * 3600:
             return self.finish(row, "failed", f"gave up after {attempts} attempts: {reason}")
-        delay = backoff.seconds(attempts, self.settings.retry_backoff)
+        delay = retry.backoff_seconds(attempts, self.settings.retry_backoff)
         outbox.update_event(self.engine, row.id, self.owner, attempts=attempts, first_attempt_at=first,
                             next_attempt_at=now + delay, reason=reason)
         log.warning("event %s %s: %s; retry %d in %.0f s", row.id, row.change_type, reason, attempts, delay)

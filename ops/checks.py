@@ -6,6 +6,7 @@ from sqlalchemy.exc import DBAPIError
 
 import config
 import mailer
+import smtp_session
 import templates_repo
 import wecom
 from store import addressbook
@@ -98,6 +99,6 @@ def smtp(settings) -> tuple[bool, str]:
     if settings.mail_backend != "smtp":
         return True, f"mail: MAIL_BACKEND={settings.mail_backend} (nothing is sent over SMTP)"
     try:
-        return True, mailer.check_smtp(settings)
+        return True, smtp_session.check(settings)
     except mailer.MailError as exc:
         return False, str(exc)  # it names the server and the fix already

@@ -18,6 +18,8 @@ ACK_SECONDS = Histogram("wecom_mailer_callback_seconds", "Time to answer a callb
 DELIVERIES = Counter("wecom_mailer_deliveries_total", "Delivery attempts by outcome (sent, retry, failed)",
                      ["outcome"])
 EVENTS = Counter("wecom_mailer_events_finished_total", "Events finished, by final status", ["status"])
+THROTTLE_PAUSES = Counter("wecom_mailer_smtp_throttle_pauses_total",
+                          "Sending rounds stopped because the SMTP server kept refusing (throttling)")
 WECOM_CALLS = Counter("wecom_mailer_wecom_api_calls_total", "WeCom API calls by API and errcode",
                       ["api", "errcode"])
 
@@ -32,6 +34,10 @@ class Recorder:
     @staticmethod
     def event_finished(status: str) -> None:
         EVENTS.labels(status).inc()
+
+    @staticmethod
+    def throttle_pause() -> None:
+        THROTTLE_PAUSES.inc()
 
     @staticmethod
     def wecom_call(api: str, errcode) -> None:

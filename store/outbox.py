@@ -59,9 +59,9 @@ def _lease_free(now: float):
     return sa.or_(events.c.lease_until.is_(None), events.c.lease_until < now)
 
 
-def claim_event(engine: Engine, owner: str, lease_seconds: float):
+def claim_event(engine: Engine, owner: str, lease_seconds: float, now: float | None = None):
     """Take the next due event with a lease (compare-and-set), or None. Any number of processes may call this."""
-    now = time.time()
+    now = time.time() if now is None else now
     with engine.connect() as conn:
         candidates = conn.execute(
             sa.select(events.c.id)
@@ -80,13 +80,13 @@ def claim_event(engine: Engine, owner: str, lease_seconds: float):
     return None
 
 
-def renew_lease(engine: Engine, event_id: int, owner: str, lease_seconds: float) -> bool:
+def renew_lease(engine: Engine, event_id: int, owner: str, lease_seconds: float, now: float | None = None) -> bool:
     """Extend our lease; False when another process has taken the event over."""
     def renew():
         with engine.begin() as conn:
             return conn.execute(events.update()
                                 .where(events.c.id == event_id, events.c.lease_owner == owner)
-                                .values(lease_until=time.time() + lease_seconds)).rowcount
+                                .values(lease_until=(time.time() if now is None else now) + lease_seconds)).rowcount
     return with_retries(renew) == 1
 
 
@@ -106,9 +106,9 @@ def update_event(engine: Engine, event_id: int, owner: str, release: bool = True
 # --- deliveries ----------------------------------------------------------------------------
 
 def expand_event(engine: Engine, event_id: int, owner: str, subject: str, body: str,
-                 rows: list[dict]) -> bool:
+                 rows: list[dict], now: float | None = None) -> bool:
     """Write one delivery row per recipient and move the event to `sending`, in one transaction."""
-    now = time.time()
+    now = time.time() if now is None else now
     for row in rows:
         row.setdefault("reason", None)
         row.update(event_id=event_id, attempts=0, next_attempt_at=0)
@@ -132,21 +132,21 @@ def expand_event(engine: Engine, event_id: int, owner: str, subject: str, body: 
     return with_retries(write)
 
 
-def due_deliveries(engine: Engine, event_id: int) -> list:
+def due_deliveries(engine: Engine, event_id: int, now: float | None = None) -> list:
     """The deliveries of one event that may be tried now."""
     with engine.connect() as conn:
         return conn.execute(
             sa.select(deliveries.c.id, deliveries.c.address, deliveries.c.name, deliveries.c.userid,
                       deliveries.c.attempts, deliveries.c.first_attempt_at)
             .where(deliveries.c.event_id == event_id, deliveries.c.status.in_(DELIVERY_OPEN),
-                   deliveries.c.next_attempt_at <= time.time())
+                   deliveries.c.next_attempt_at <= (time.time() if now is None else now))
             .order_by(deliveries.c.id)).all()
 
 
 class DeliveryMarks:
-    """Delivery outcomes of a sending round: each writing thread keeps a connection of its own, every UPDATE
-    autocommitted, so a mark is durable when mark() returns after one round trip (no pool checkout and
-    ping, no separate COMMIT)."""
+    """Delivery outcomes of a sending round: each writing thread (one per SMTP connection) keeps a database
+    connection of its own, every UPDATE autocommitted, so a mark is durable when mark() returns after one
+    round trip (no pool checkout and ping, no separate COMMIT)."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -181,20 +181,6 @@ class DeliveryMarks:
                 raise
         with_retries(write)
 
-    # Every sent mark alike (attempts and first attempt follow from the row), so any number in one UPDATE.
-    _sent_statement = (deliveries.update()
-                       .where(deliveries.c.id.in_(sa.bindparam("delivery_ids", expanding=True)),
-                              deliveries.c.status.in_(sa.bindparam("open_statuses", list(DELIVERY_OPEN),
-                                                                   literal_execute=True)))
-                       .values(status="sent", sent_at=sa.bindparam("now"), attempts=deliveries.c.attempts + 1,
-                               first_attempt_at=sa.func.coalesce(deliveries.c.first_attempt_at,
-                                                                 sa.bindparam("now")),
-                               reason=None))
-
-    def mark_sent(self, delivery_ids: list[int], now: float) -> None:
-        """Mark deliveries sent in one autocommitted UPDATE (still open ones only)."""
-        self._execute(self._sent_statement, {"delivery_ids": list(delivery_ids), "now": now})
-
     def close(self) -> None:
         """Give every thread's connection back to the pool."""
         with self._lock:
@@ -204,10 +190,11 @@ class DeliveryMarks:
 
 
 def postpone_untried(engine: Engine, event_id: int, until: float, give_up_before: float | None = None,
-                     reason: str = "") -> None:
-    """Deliveries left untried after a connection failure wait with the ones that failed. Their RETRY_MAX_HOURS
-    clock starts with this round, and those whose clock started before `give_up_before` fail with `reason`."""
-    now = time.time()
+                     reason: str = "", now: float | None = None) -> None:
+    """Deliveries a stopped round left untried (no connection, throttled) share one retry time with the ones that
+    were refused. Their RETRY_MAX_HOURS clock starts with this round, and those whose clock started before
+    `give_up_before` fail with `reason`."""
+    now = time.time() if now is None else now
     untried = (deliveries.c.event_id == event_id, deliveries.c.status.in_(DELIVERY_OPEN),
                deliveries.c.next_attempt_at <= now)
 
@@ -220,6 +207,20 @@ def postpone_untried(engine: Engine, event_id: int, until: float, give_up_before
                          .values(next_attempt_at=until,
                                  first_attempt_at=sa.func.coalesce(deliveries.c.first_attempt_at, now)))
     with_retries(write)
+
+
+def wait_for_quota(engine: Engine, event_id: int, until: float, reason: str, now: float) -> int:
+    """Deliveries left untried because a daily quota is used up wait until `until` with `reason`. Waiting is
+    no attempt and does not count towards RETRY_MAX_HOURS: a started clock moves on by the wait."""
+    untried = (deliveries.c.event_id == event_id, deliveries.c.status.in_(DELIVERY_OPEN),
+               deliveries.c.next_attempt_at <= now)
+
+    def write():
+        with engine.begin() as conn:
+            return conn.execute(deliveries.update().where(*untried).values(
+                status="retry", next_attempt_at=until, reason=reason[:1000],
+                first_attempt_at=deliveries.c.first_attempt_at + (until - now))).rowcount
+    return with_retries(write)
 
 
 def delivery_counts(engine: Engine, event_id: int) -> dict[str, int]:

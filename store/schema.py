@@ -111,3 +111,25 @@ def insert_ignore(table: Table):
     """INSERT that skips rows whose unique key exists (SQLite and MySQL/MariaDB)."""
     return table.insert().prefix_with("OR IGNORE", dialect="sqlite").prefix_with("IGNORE", dialect="mysql")
 
+
+
+# --- sending limits (SMTP_MAX_PER_MINUTE, SMTP_MAX_PER_DAY), shared by every process ---------------------
+
+send_log = Table(  # one row per message handed to the SMTP server, kept for a few minutes
+    "wm_send_log", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("sent_at", Double, nullable=False),
+    Index("ix_wm_send_log_sent_at", "sent_at"),
+)
+
+send_days = Table(  # messages handed per calendar day in TIMEZONE
+    "wm_send_days", metadata,
+    Column("day", String(10), primary_key=True),  # YYYY-MM-DD
+    Column("sent", Integer, nullable=False),
+)
+
+limit_locks = Table(  # one row per limit: updating it first serialises the check-then-insert of every process
+    "wm_limit_locks", metadata,
+    Column("name", String(32), primary_key=True),
+    Column("ticks", BigInteger, nullable=False),
+)

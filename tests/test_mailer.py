@@ -14,6 +14,8 @@ import trustme
 
 import config
 import mailer
+import smtp_session
+from delivery.sending import send_batch
 from support import base_env
 from mailer import Outgoing, SendResult
 from support.smtp_server import SmtpSink, free_port
@@ -60,7 +62,7 @@ def member(n: int, **fields) -> Outgoing:
 
 
 def send(settings, items, **kwargs) -> list[tuple[Outgoing, SendResult]]:
-    """send_all, returning the (item, result) pairs in the order on_result saw them."""
+    """send_batch, returning the (item, result) pairs in the order on_result saw them."""
     results = []
     lock = threading.Lock()
 
@@ -68,7 +70,7 @@ def send(settings, items, **kwargs) -> list[tuple[Outgoing, SendResult]]:
         with lock:
             results.append((item, result))
 
-    mailer.send_all(settings, items, record, **kwargs)
+    send_batch(settings, items, record, **kwargs)
     return results
 
 
@@ -151,16 +153,16 @@ def test_build_message_refuses_an_invalid_address():
 # -- failures the server reports -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("stage, reply, permanent, connections", [
-    ("RCPT", "450 4.2.1 mailbox busy", False, 1),
-    ("RCPT", "421 4.7.0 too many connections", False, 2),  # the client must reconnect for the next one
-    ("RCPT", "553 5.1.3 bad recipient syntax", True, 1),
-    ("DATA", "451 4.3.0 try again later", False, 1),
-    ("DATA", "452 4.2.2 mailbox full", False, 1),
-    ("DATA", "421 4.3.2 service shutting down", False, 2),
-    ("DATA", "554 5.7.1 message refused", True, 1),
+@pytest.mark.parametrize("stage, reply, permanent, throttled, connections", [
+    ("RCPT", "450 4.2.1 mailbox busy", False, False, 1),
+    ("RCPT", "421 4.7.0 too many connections", False, True, 2),  # the client must reconnect for the next one
+    ("RCPT", "553 5.1.3 bad recipient syntax", True, False, 1),
+    ("DATA", "451 4.3.0 try again later", False, False, 1),
+    ("DATA", "452 4.2.2 mailbox full", False, False, 1),
+    ("DATA", "421 4.3.2 service shutting down", False, False, 2),
+    ("DATA", "554 5.7.1 message refused", True, False, 1),
 ])
-def test_a_refusal_fails_that_message_only(sink, stage, reply, permanent, connections):
+def test_a_refusal_fails_that_message_only(sink, stage, reply, permanent, throttled, connections):
     if stage == "RCPT":
         sink.reject("user1@corp.example", reply)
     else:
@@ -168,7 +170,7 @@ def test_a_refusal_fails_that_message_only(sink, stage, reply, permanent, connec
 
     results = send(smtp_settings(sink.port), [member(1), member(2)])
 
-    failed = SendResult(ok=False, permanent=permanent, reason=reply)
+    failed = SendResult(ok=False, permanent=permanent, reason=reply, throttled=throttled)
     assert [result for _, result in results] == [failed, SendResult(ok=True)]
     assert [rcpt(m) for m in sink.messages] == ["user2@corp.example"]
     assert sink.connections == connections
@@ -219,7 +221,7 @@ def test_dropped_connection_is_reopened_and_the_message_sent(sink):
         if item.delivery_id == 1:
             sink.restart()  # drops the open connection, listens again on the same port
 
-    mailer.send_all(smtp_settings(sink.port), [member(1), member(2), member(3)], restart_after_first)
+    send_batch(smtp_settings(sink.port), [member(1), member(2), member(3)], restart_after_first)
 
     assert [rcpt(m) for m in sink.messages] == [f"user{n}@corp.example" for n in (1, 2, 3)]
     assert sink.connections == 2
@@ -233,7 +235,7 @@ def test_server_gone_mid_batch_fails_that_message_and_stops(sink):
         if item.delivery_id == 1:
             sink.stop()
 
-    mailer.send_all(smtp_settings(sink.port), [member(1), member(2), member(3)], stop_after_first)
+    send_batch(smtp_settings(sink.port), [member(1), member(2), member(3)], stop_after_first)
 
     assert [(r.ok, r.permanent) for r in results] == [(True, False), (False, False)]
     assert "cannot connect" in results[1].reason
@@ -248,7 +250,7 @@ def test_tls_and_login(server_tls, client_tls, security):
                                  SMTP_PASSWORD=PASSWORD, MAIL_FROM="")
 
         results = send(settings, [member(1), member(2)], tls_context=client_tls)
-        description = mailer.check_smtp(settings, tls_context=client_tls)
+        description = smtp_session.check(settings, tls_context=client_tls)
 
     assert [r for _, r in results] == [SendResult(ok=True)] * 2
     assert [m["From"].addresses[0].addr_spec for m in server.messages] == ["mailer@corp.example"] * 2
@@ -274,7 +276,7 @@ def test_login_failure_is_transient_with_a_hint_and_no_password(wrong):
 
         results = send(settings, [member(1), member(2)])
         with pytest.raises(mailer.MailError) as raised:
-            mailer.check_smtp(settings)
+            smtp_session.check(settings)
 
     [(_, result)] = results  # the thread stops: member 2 is not attempted
     assert (result.ok, result.permanent) == (False, False)
@@ -315,7 +317,7 @@ def test_on_result_false_stops_the_batch(sink):
         seen.append(item.delivery_id)
         return False
 
-    mailer.send_all(smtp_settings(sink.port), [member(1), member(2), member(3)], first_only)
+    send_batch(smtp_settings(sink.port), [member(1), member(2), member(3)], first_only)
 
     assert seen == [1]
     assert [rcpt(m) for m in sink.messages] == ["user1@corp.example"]
@@ -334,7 +336,7 @@ def test_an_error_in_on_result_reaches_the_caller(sink):
         raise RuntimeError("database is gone")
 
     with pytest.raises(RuntimeError, match="database is gone"):
-        mailer.send_all(smtp_settings(sink.port, SMTP_CONNECTIONS="2"), [member(n) for n in range(5)], failing)
+        send_batch(smtp_settings(sink.port, SMTP_CONNECTIONS="2"), [member(n) for n in range(5)], failing)
     assert len(sink.messages) <= 2  # each thread stops after its first outcome
 
 
@@ -357,15 +359,16 @@ def test_one_log_line_per_member_with_name_and_address(caplog):
 
 
 def test_check_smtp_connects_and_sends_nothing(sink):
-    description = mailer.check_smtp(smtp_settings(sink.port))
+    description = smtp_session.check(smtp_settings(sink.port))
 
-    assert description == f"SMTP 127.0.0.1:{sink.port} (none): no TLS, no login (SMTP_USER is empty)"
+    assert description == (f"SMTP 127.0.0.1:{sink.port} (none): no TLS, no login (SMTP_USER is empty), "
+                           "no pipelining")
     assert sink.connections == 1 and sink.messages == []
 
 
 def test_check_smtp_names_the_setting_to_fix_when_nothing_listens():
     with pytest.raises(mailer.MailError) as raised:
-        mailer.check_smtp(smtp_settings(free_port()))
+        smtp_session.check(smtp_settings(free_port()))
 
     assert "cannot connect" in str(raised.value) and "SMTP_HOST and SMTP_PORT" in str(raised.value)
 
@@ -374,7 +377,7 @@ def test_check_smtp_times_out_against_a_silent_port():
     with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts, never says 220
         settings = smtp_settings(silent.getsockname()[1], SMTP_TIMEOUT_SECONDS="0.2")
         with pytest.raises(mailer.MailError, match=r"no answer within 0.2 s"):
-            mailer.check_smtp(settings)
+            smtp_session.check(settings)
 
 
 # -- file and console backends ------------------------------------------------------------------

@@ -2,7 +2,6 @@
 processes starting at once upgrade it once."""
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -13,17 +12,10 @@ import sqlalchemy as sa
 import wecom
 from store import db, migrate, outbox
 from support import ROOT, change_xml
+from support.legacy import legacy_release
 
 LEGACY_TABLES = ("wm_events", "wm_deliveries", "wm_department_snapshots", "wm_snapshot_members",
                  "wm_address_book", "wm_access_tokens")
-
-
-def legacy_release():
-    """outbox.py of the release before Alembic (tests/data), loaded as a module of its own."""
-    spec = importlib.util.spec_from_file_location("legacy_outbox", ROOT / "tests/data/legacy_outbox_schema2.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def fill_as_the_last_release_did(legacy, engine) -> None:

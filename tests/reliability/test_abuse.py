@@ -189,37 +189,41 @@ def test_authentic_events_with_odd_contents_are_recorded_whole_and_never_jam_the
 
 
 def test_a_schema_1_database_is_widened_and_its_cut_events_fail_visibly_instead_of_jamming(
-        fuzz_app, crypto, smtp_sink):
+        make_app, mysql_url, standin, smtp_sink, crypto):
     from support import signed_post
+    from support.legacy import legacy_release
 
-    engine = services.of(fuzz_app).engine
-    with engine.begin() as conn:  # as schema 1 left it: 64 KB TEXT columns and one event cut short there
+    legacy = legacy_release()
+    old = legacy.make_engine(mysql_url)
+    legacy.init_schema(old)
+    with old.begin() as conn:  # as schema 1 left it: 64 KB TEXT columns and one event cut short there
         conn.execute(sa.text("ALTER TABLE wm_events MODIFY xml TEXT NOT NULL, MODIFY subject TEXT, MODIFY body TEXT"))
-        conn.execute(sa.text("DROP TABLE alembic_version"))  # the hand-kept schema knew no Alembic
+        conn.execute(sa.text("UPDATE wm_schema SET version = 1"))
         conn.execute(schema.events.insert(), {"dedup_key": "cut", "change_type": "create_user", "user_id": "cut",
-                                              "xml": event_xml("cut")[:70], "status": "pending", "attempts": 0,
-                                              "received_at": time.time(), "next_attempt_at": 0})
-    upgraded = db.make_engine(str(engine.url.render_as_string(hide_password=False)))
-    try:
-        assert migrate.upgrade(upgraded) == migrate.head_revision()  # what the next start-up (or init-db) does
-        with upgraded.connect() as conn:
-            types = dict(conn.execute(sa.text(
-                "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = DATABASE() "
-                "AND table_name = 'wm_events' AND column_name IN ('xml', 'subject', 'body')")).all())
-    finally:
-        upgraded.dispose()
+                                              "departments": "2", "xml": event_xml("cut")[:70], "status": "pending",
+                                              "attempts": 0, "received_at": time.time(), "next_attempt_at": 0})
+    old.dispose()
+    prepare_database(mysql_url).dispose()  # what the next start-up (or `flask init-db`) does, and the templates
+    app = make_app(**reliability_env(standin, smtp_sink, mysql_url))
+    engine = services.of(app).engine
+    with engine.connect() as conn:
+        types = dict(conn.execute(sa.text(
+            "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = DATABASE() "
+            "AND table_name = 'wm_events' AND column_name IN ('xml', 'subject', 'body')")).all())
     assert {name.lower(): kind for name, kind in types.items()} == dict.fromkeys(("xml", "subject", "body"),
                                                                                  "mediumtext")
+    assert migrate.current_revision(engine) == migrate.head_revision()
     big = event_xml("user0001").replace("</xml>", "<Name>" + "名" * 30000 + "</Name></xml>")
-    assert signed_post(fuzz_app.test_client(), crypto, big).data == b"success"
+    assert signed_post(app.test_client(), crypto, big).data == b"success"
 
-    worker = services.of(fuzz_app).make_worker()
+    worker = services.of(app).make_worker()
     for _ in range(10):
         if not worker.run_once():
             break
     cut, whole = rows(engine, schema.events)
     assert cut.status == "failed" and cut.reason == "stored event XML does not parse: body is not XML"
     assert whole.status == "done" and whole.xml == big and len(smtp_sink.messages) == 5
+    engine.dispose()
 
 
 # --- secrets never reach the logs, even at DEBUG ------------------------------------------------------

@@ -1,4 +1,4 @@
-"""A real SMTP server on 127.0.0.1 for tests (aiosmtpd), with rejections and outages on demand."""
+"""A real SMTP server on 127.0.0.1 for tests (aiosmtpd), with PIPELINING, rejections, drops and outages on demand."""
 from __future__ import annotations
 
 import ssl
@@ -19,14 +19,22 @@ class SmtpSink:
 
     def __init__(self, *, tls_context: ssl.SSLContext | None = None,
                  starttls_context: ssl.SSLContext | None = None, require_starttls: bool = False,
-                 auth: dict[str, str] | None = None):
+                 auth: dict[str, str] | None = None, pipelining: bool = False, on_data=None):
         self.host = "127.0.0.1"
         self.port = free_port()
         self.tls_context = tls_context
         self.starttls_context = starttls_context
         self.require_starttls = require_starttls
         self.users = dict(auth or {})
+        # aiosmtpd reads pipelined commands anyway; it says so in EHLO only when asked (RFC 2920's keyword).
+        self.pipelining = pipelining
+        # on_data(envelope) runs in the server's thread as each message's content has arrived, before the reply.
+        self.on_data = on_data
         self.connections = 0          # connections that said EHLO/HELO (a STARTTLS upgrade is not a new one)
+        self.logins = 0               # successful AUTHs
+        self.commands: list[str] = []  # MAIL, RCPT and DATA as they arrived, e.g. "RCPT user1@corp.example"
+        self._mail_replies: list[str] = []
+        self._drops = 0
         self._messages: list[EmailMessage] = []
         self._rejected: dict[str, str] = {}
         self._failures: list[str] = []
@@ -94,6 +102,16 @@ class SmtpSink:
         with self._changed:
             self._failures = [reply] * n
 
+    def refuse_mail(self, n: int, reply: str = "451 4.7.1 try again later") -> None:
+        """Answer the next `n` MAIL FROM commands with `reply`."""
+        with self._changed:
+            self._mail_replies = [reply] * n
+
+    def drop_after_content(self, n: int = 1) -> None:
+        """For the next `n` messages: take the content, then close the connection without a reply."""
+        with self._changed:
+            self._drops = n
+
     # -- aiosmtpd hooks, run on the server's event loop thread -------------------------
     # aiosmtpd takes every handle_* attribute of the handler for a hook and every auth_* one
     # for an AUTH mechanism, so nothing else here may be named that way.
@@ -107,6 +125,8 @@ class SmtpSink:
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         self._greet(server)
         session.host_name = hostname
+        if self.pipelining:
+            responses.insert(1, "250-PIPELINING")
         return responses
 
     async def handle_HELO(self, server, session, envelope, hostname):
@@ -117,12 +137,17 @@ class SmtpSink:
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if self.users and not session.authenticated:
             return "530 5.7.0 Authentication required"
+        with self._changed:
+            self.commands.append(f"MAIL {address}")
+            if self._mail_replies:
+                return self._mail_replies.pop()
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
         return "250 OK"
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         with self._changed:
+            self.commands.append(f"RCPT {address}")
             reply = self._rejected.get(address.lower())
         if reply:
             return reply
@@ -131,7 +156,13 @@ class SmtpSink:
         return "250 OK"
 
     async def handle_DATA(self, server, session, envelope):
+        if self.on_data is not None:
+            self.on_data(envelope)
         with self._changed:
+            if self._drops:
+                self._drops -= 1
+                server.transport.close()  # the content arrived; the reply never leaves
+                return "250 2.0.0 never sent"
             if self._failures:
                 return self._failures.pop()
         message = BytesParser(policy=policy.default).parsebytes(envelope.original_content)
@@ -146,4 +177,7 @@ class SmtpSink:
     def _authenticate(self, server, session, envelope, mechanism, auth_data):
         ok = (isinstance(auth_data, LoginPassword)
               and self.users.get(auth_data.login.decode()) == auth_data.password.decode())
+        if ok:
+            with self._changed:
+                self.logins += 1
         return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)

@@ -1,0 +1,111 @@
+"""One sending round of one event: its due deliveries sent, each outcome marked on its row as it comes."""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import mailer
+from delivery import retry
+from delivery.limits import next_day_start
+from delivery.sending import send_batch
+from store import outbox
+
+log = logging.getLogger("wecom_mailer.worker")
+
+
+@dataclass
+class Tally:
+    """What a round did, counted from the writer threads of its connections."""
+
+    sent: int = 0
+    failed: int = 0
+    retried: int = 0
+    retry_at: float | None = None  # the earliest retry a refusal scheduled
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, values: dict) -> None:
+        with self._lock:
+            status = values["status"]
+            if status == "sent":
+                self.sent += 1
+            elif status == "failed":
+                self.failed += 1
+            else:
+                self.retried += 1
+                at = values["next_attempt_at"]
+                self.retry_at = at if self.retry_at is None else min(self.retry_at, at)
+
+
+def send_event(worker, row, started: float) -> None:
+    """Send the due deliveries of a held event; then schedule what is left, or finish the event."""
+    settings, engine = worker.settings, worker.engine
+    due = outbox.due_deliveries(engine, row.id, now=worker.clock())
+    subject, body = outbox.event_message(engine, row.id)
+    by_id = {d.id: d for d in due}
+    tally, marks = Tally(), outbox.DeliveryMarks(engine)
+
+    def record(item: mailer.Outgoing, result: mailer.SendResult) -> bool:
+        """Mark one delivery (durably, before the next content goes out); False once the lease is lost."""
+        delivery, now = by_id[item.delivery_id], worker.clock()
+        if result.quota:  # the provider's day is used up: no attempt, it waits for tomorrow with the rest
+            values = {"status": "retry", "reason": result.reason[:1000],
+                      "next_attempt_at": next_day_start(now, settings.tz)}
+        else:
+            values = retry.outcome(settings, result, delivery.attempts, delivery.first_attempt_at, now)
+        marks.mark(delivery.id, **values)
+        tally.add(values)
+        if worker.metrics:
+            worker.metrics.delivery(values["status"])
+        return not worker.lease.lost.is_set()
+
+    items = [mailer.Outgoing(d.id, d.address, d.name, subject, body) for d in due]
+    try:
+        halt = send_batch(settings, items, record, stop=worker.stop, pool=worker.smtp_pool, gate=worker.gate)
+    finally:
+        marks.close()
+    if worker.lease.lost.is_set():
+        log.warning("event %s: lease lost during sending; another worker continues", row.id)
+        return
+    if halt is not None:
+        _schedule_untried(worker, row, halt, tally)
+    next_due = outbox.next_open_delivery_at(engine, row.id)
+    counts = outbox.delivery_counts(engine, row.id)
+    summary = (f"{tally.sent} sent, {counts.get('skipped', 0)} skipped (no address), "
+               f"{tally.failed} failed, {tally.retried} to retry")
+    if next_due is None:
+        outbox.update_event(engine, row.id, worker.owner, status="done", finished_at=worker.clock(),
+                            reason=_final_reason(counts))
+        worker.observe_event("done")
+    else:
+        outbox.update_event(engine, row.id, worker.owner, next_attempt_at=next_due, reason=_final_reason(counts))
+    waited = f", {worker.gate.waited:.1f} s waiting for SMTP_MAX_PER_MINUTE" if worker.gate.waited else ""
+    worker.gate.waited = 0.0
+    log.info("event %s %s userid=%s: %s in %.1f s%s", row.id, row.change_type, row.user_id, summary,
+             time.monotonic() - started, waited)
+
+
+def _schedule_untried(worker, row, halt, tally: Tally) -> None:
+    """A round that stopped early: what it left untried waits, all together, for one time."""
+    settings, now = worker.settings, worker.clock()
+    if halt.quota:
+        resume_at = halt.resume_at or next_day_start(now, settings.tz)
+        waiting = outbox.wait_for_quota(worker.engine, row.id, resume_at, halt.reason, now)
+        log.warning("event %s: %s; %d deliveries wait for it", row.id, halt.reason, waiting)
+        return
+    if halt.throttled:
+        log.warning("event %s: the SMTP server is throttling (%s); the rest of the round waits", row.id,
+                    halt.reason)
+        if worker.metrics:
+            worker.metrics.throttle_pause()
+    # One shared retry time on the backoff schedule: one attempt counted for the round, not one per member.
+    until = tally.retry_at or now + retry.backoff_seconds(1, settings.retry_backoff)
+    hours = settings.retry_max_hours
+    outbox.postpone_untried(worker.engine, row.id, until, give_up_before=now - hours * 3600, now=now,
+                            reason=f"gave up after RETRY_MAX_HOURS ({hours:g} h): the SMTP connection "
+                                   "kept failing before this message could be tried")
+
+
+def _final_reason(counts: dict[str, int]) -> str:
+    return ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
