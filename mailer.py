@@ -167,11 +167,12 @@ def refusal(code: int, text: bytes | str, settings: Settings, sender: bool = Fal
         return SendResult(ok=False, reason=reason, quota=True)
     if any(pattern.search(said) for pattern, _ in THROTTLING):
         return SendResult(ok=False, reason=reason, throttled=True)
-    if sender:
-        # Not about this recipient: the next messages would be refused alike. Transient, so that the
-        # backoff waits for the settings to be fixed (a 5xx) or the server to recover (a 4xx).
-        hint = f": {SENDER_HINT}" if code >= 500 else ""
-        return SendResult(ok=False, reason=f"sender refused ({reason}){hint}", sender_refused=True)
+    if sender and code >= 500:
+        # Not about this recipient: every next message would be refused alike, so the batch stops. Transient,
+        # so that the backoff waits for the settings to be fixed.
+        return SendResult(ok=False, reason=f"sender refused ({reason}): {SENDER_HINT}", sender_refused=True)
+    if sender:  # a 4xx to MAIL FROM: the server is busy, not our sender wrong; it counts as a refusal in a row
+        return SendResult(ok=False, reason=f"sender refused ({reason})")
     return SendResult(ok=False, permanent=code >= 500, reason=reason)
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import mailer
 from delivery import retry
-from delivery.limits import next_day_start
+from delivery.limits import daily_limit_reason, next_day_start
 from delivery.sending import send_batch
 from store import outbox
 
@@ -50,8 +50,9 @@ def send_event(worker, row, started: float) -> None:
         """Mark one delivery (durably, before the next content goes out); False once the lease is lost."""
         delivery, now = by_id[item.delivery_id], worker.clock()
         if result.quota:  # the provider's day is used up: no attempt, it waits for tomorrow with the rest
-            values = {"status": "retry", "reason": result.reason[:1000],
-                      "next_attempt_at": next_day_start(now, settings.tz)}
+            resume_at = next_day_start(now, settings.tz)
+            values = {"status": "retry", "next_attempt_at": resume_at,
+                      "reason": daily_limit_reason(settings, resume_at, result.reason)[:1000]}
         else:
             values = retry.outcome(settings, result, delivery.attempts, delivery.first_attempt_at, now)
         marks.mark(delivery.id, **values)
@@ -65,6 +66,8 @@ def send_event(worker, row, started: float) -> None:
         halt = send_batch(settings, items, record, stop=worker.stop, pool=worker.smtp_pool, gate=worker.gate)
     finally:
         marks.close()
+    if worker.metrics and settings.smtp_max_per_day:
+        worker.metrics.sent_today(worker.gate.used_today())
     if worker.lease.lost.is_set():
         log.warning("event %s: lease lost during sending; another worker continues", row.id)
         return
@@ -90,9 +93,13 @@ def _schedule_untried(worker, row, halt, tally: Tally) -> None:
     """A round that stopped early: what it left untried waits, all together, for one time."""
     settings, now = worker.settings, worker.clock()
     if halt.quota:
-        resume_at = halt.resume_at or next_day_start(now, settings.tz)
-        waiting = outbox.wait_for_quota(worker.engine, row.id, resume_at, halt.reason, now)
-        log.warning("event %s: %s; %d deliveries wait for it", row.id, halt.reason, waiting)
+        if halt.resume_at is None:  # the provider said so, not our own SMTP_MAX_PER_DAY
+            resume_at = next_day_start(now, settings.tz)
+            reason = daily_limit_reason(settings, resume_at, halt.reason)
+        else:
+            resume_at, reason = halt.resume_at, halt.reason
+        waiting = outbox.wait_for_quota(worker.engine, row.id, resume_at, reason, now)
+        log.warning("event %s: %s; %d more deliveries wait with it", row.id, reason, waiting)
         return
     if halt.throttled:
         log.warning("event %s: the SMTP server is throttling (%s); the rest of the round waits", row.id,

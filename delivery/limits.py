@@ -23,8 +23,11 @@ def next_day_start(epoch: float, tz) -> float:
     return midnight.timestamp()
 
 
-def daily_limit_reason(settings, resume_at: float) -> str:
+def daily_limit_reason(settings, resume_at: float, provider_said: str | None = None) -> str:
+    """Why deliveries wait for tomorrow: our SMTP_MAX_PER_DAY, or the provider's own quota."""
     at = datetime.fromtimestamp(resume_at, settings.tz).strftime("%Y-%m-%d %H:%M")
+    if provider_said:
+        return f"the provider's daily quota is used up ({provider_said}), resumes at {at}"
     return f"daily limit {settings.smtp_max_per_day} reached (SMTP_MAX_PER_DAY), resumes at {at}"
 
 
@@ -57,3 +60,9 @@ class Gate:
                 resume_at = next_day_start(now, settings.tz)
                 raise Halt(daily_limit_reason(settings, resume_at), quota=True, resume_at=resume_at)
         return True
+
+    def used_today(self) -> int:
+        """Messages counted against SMTP_MAX_PER_DAY today (0 when no daily limit is set)."""
+        if not self.settings.smtp_max_per_day:
+            return 0
+        return limits.sent_on(self.engine, day_of(self.clock(), self.settings.tz))

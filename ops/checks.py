@@ -1,12 +1,17 @@
 """`flask check`: try every dependency with the current configuration; one line each, with the fix."""
 from __future__ import annotations
 
+import time
+
 import sqlalchemy as sa
 from sqlalchemy.exc import DBAPIError
 
 import config
 import mailer
 import smtp_session
+from delivery.limits import day_of, next_day_start
+from ops import report
+from store import limits
 import templates_repo
 import wecom
 from store import addressbook
@@ -30,6 +35,7 @@ def run_all(parts) -> list[tuple[bool, str]]:
         results.extend((False, f"WeCom department {d}: not checked (needs a working gettoken)")
                        for d in settings.department_ids)
     results.append(smtp(settings))
+    results.append(sending_limits(settings, engine if state_ok else None))
     return [(ok, config.mask(line, settings)) for ok, line in results]
 
 
@@ -102,3 +108,21 @@ def smtp(settings) -> tuple[bool, str]:
         return True, smtp_session.check(settings)
     except mailer.MailError as exc:
         return False, str(exc)  # it names the server and the fix already
+
+
+def sending_limits(settings, engine) -> tuple[bool, str]:
+    """The provider's limits as configured, and how much of today's is used."""
+    if not (settings.smtp_max_per_minute or settings.smtp_max_per_day):
+        return True, ("sending limits: none (set SMTP_MAX_PER_MINUTE / SMTP_MAX_PER_DAY to your provider's, "
+                      "e.g. QQ Mail about 15/minute)")
+    parts = []
+    if settings.smtp_max_per_minute:
+        parts.append(f"{settings.smtp_max_per_minute}/minute")
+    if settings.smtp_max_per_day:
+        used = "not counted (state database down)"
+        if engine is not None:
+            now = time.time()
+            used = f"{limits.sent_on(engine, day_of(now, settings.tz))} used today, resets at " + \
+                report.local_time(next_day_start(now, settings.tz), settings.tz)
+        parts.append(f"{settings.smtp_max_per_day}/day ({used})")
+    return True, "sending limits: " + ", ".join(parts) + " (shared by every process on DATABASE_URL)"

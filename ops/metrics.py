@@ -5,7 +5,7 @@ import os
 import time
 
 import sqlalchemy as sa
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy.exc import DBAPIError
 
@@ -18,6 +18,9 @@ ACK_SECONDS = Histogram("wecom_mailer_callback_seconds", "Time to answer a callb
 DELIVERIES = Counter("wecom_mailer_deliveries_total", "Delivery attempts by outcome (sent, retry, failed)",
                      ["outcome"])
 EVENTS = Counter("wecom_mailer_events_finished_total", "Events finished, by final status", ["status"])
+SENT_TODAY = Gauge("wecom_mailer_smtp_sent_today",
+                   "Messages counted against SMTP_MAX_PER_DAY today (kept only while a daily limit is set)",
+                   multiprocess_mode="mostrecent")
 THROTTLE_PAUSES = Counter("wecom_mailer_smtp_throttle_pauses_total",
                           "Sending rounds stopped because the SMTP server kept refusing (throttling)")
 WECOM_CALLS = Counter("wecom_mailer_wecom_api_calls_total", "WeCom API calls by API and errcode",
@@ -38,6 +41,10 @@ class Recorder:
     @staticmethod
     def throttle_pause() -> None:
         THROTTLE_PAUSES.inc()
+
+    @staticmethod
+    def sent_today(count: int) -> None:
+        SENT_TODAY.set(count)
 
     @staticmethod
     def wecom_call(api: str, errcode) -> None:

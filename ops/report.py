@@ -85,6 +85,17 @@ def address_book_rows(engine, search: str = "", limit: int = 200) -> tuple[list[
         return [dict(r._mapping) for r in rows], total
 
 
+def limit_lines(engine, tz: tzinfo) -> list[str]:
+    """Deliveries waiting for a sending limit (SMTP_MAX_PER_DAY or the provider's daily quota), if any."""
+    with engine.connect() as conn:
+        count, until = conn.execute(sa.select(sa.func.count(), sa.func.min(deliveries.c.next_attempt_at))
+                                    .where(deliveries.c.status == "retry",
+                                           deliveries.c.reason.like("%daily%"))).one()
+    if not count:
+        return []
+    return [f"  {count} deliveries wait for a daily sending limit; the next goes at {local_time(until, tz)}"]
+
+
 def status_lines(engine, tz: tzinfo, event_id: int | None = None, limit: int = 20) -> list[str]:
     """The text of `flask status`."""
     if event_id is not None:
@@ -103,6 +114,7 @@ def status_lines(engine, tz: tzinfo, event_id: int | None = None, limit: int = 2
                      f"{r['status']:<8} {counts}")
         if r["status"] in ("failed", "skipped") or (r["status"] == "pending" and r["attempts"]):
             lines.append(f"{'':>10}reason: {r['reason']}")
+    lines.extend(limit_lines(engine, tz))
     failed = [d for r in rows if r["counts"].get("failed") for d in event_deliveries(engine, r["id"], "failed")]
     for d in failed[:20]:
         lines.append(f"  failed delivery {d['id']} (event {d['event_id']}) to {d['address']}: {d['reason']}")

@@ -217,28 +217,22 @@ def test_server_down_gives_a_transient_result_and_no_exception(sink):
 
 
 def test_dropped_connection_is_reopened_and_the_message_sent(sink):
-    def restart_after_first(item, result):
-        if item.delivery_id == 1:
-            sink.restart()  # drops the open connection, listens again on the same port
+    sink.hang_up_after_reply()  # the server closes the connection after accepting member 1
 
-    send_batch(smtp_settings(sink.port), [member(1), member(2), member(3)], restart_after_first)
+    results = send(smtp_settings(sink.port), [member(1), member(2), member(3)])
 
+    assert [result for _, result in results] == [SendResult(ok=True)] * 3
     assert [rcpt(m) for m in sink.messages] == [f"user{n}@corp.example" for n in (1, 2, 3)]
     assert sink.connections == 2
 
 
 def test_server_gone_mid_batch_fails_that_message_and_stops(sink):
-    results = []
+    sink.hang_up_after_reply(stop_listening=True)
 
-    def stop_after_first(item, result):
-        results.append(result)
-        if item.delivery_id == 1:
-            sink.stop()
+    results = send(smtp_settings(sink.port), [member(1), member(2), member(3)])
 
-    send_batch(smtp_settings(sink.port), [member(1), member(2), member(3)], stop_after_first)
-
-    assert [(r.ok, r.permanent) for r in results] == [(True, False), (False, False)]
-    assert "cannot connect" in results[1].reason
+    assert [(r.ok, r.permanent) for _, r in results] == [(True, False), (False, False)]
+    assert "cannot connect" in results[1][1].reason
 
 
 @pytest.mark.parametrize("security", ["starttls", "ssl"])

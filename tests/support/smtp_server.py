@@ -1,8 +1,10 @@
 """A real SMTP server on 127.0.0.1 for tests (aiosmtpd), with PIPELINING, rejections, drops and outages on demand."""
 from __future__ import annotations
 
+import asyncio
 import ssl
 import threading
+import time
 import weakref
 from email import policy
 from email.message import EmailMessage
@@ -28,13 +30,15 @@ class SmtpSink:
         self.users = dict(auth or {})
         # aiosmtpd reads pipelined commands anyway; it says so in EHLO only when asked (RFC 2920's keyword).
         self.pipelining = pipelining
-        # on_data(envelope) runs in the server's thread as each message's content has arrived, before the reply.
+        # on_data(session, envelope) runs in the server's thread as a message's content has arrived, before the reply.
         self.on_data = on_data
         self.connections = 0          # connections that said EHLO/HELO (a STARTTLS upgrade is not a new one)
         self.logins = 0               # successful AUTHs
-        self.commands: list[str] = []  # MAIL, RCPT and DATA as they arrived, e.g. "RCPT user1@corp.example"
+        self.commands: list[str] = []  # MAIL and RCPT as they arrived, e.g. "RCPT user1@corp.example"
+        self.arrivals: list[float] = []  # time.monotonic() of each kept message, in order
         self._mail_replies: list[str] = []
         self._drops = 0
+        self._hangups: list[bool] = []  # per coming message: close after the reply (True: and stop listening)
         self._messages: list[EmailMessage] = []
         self._rejected: dict[str, str] = {}
         self._failures: list[str] = []
@@ -107,6 +111,11 @@ class SmtpSink:
         with self._changed:
             self._mail_replies = [reply] * n
 
+    def hang_up_after_reply(self, stop_listening: bool = False) -> None:
+        """After the next message's reply, close that connection (and with stop_listening, take no new ones)."""
+        with self._changed:
+            self._hangups.append(stop_listening)
+
     def drop_after_content(self, n: int = 1) -> None:
         """For the next `n` messages: take the content, then close the connection without a reply."""
         with self._changed:
@@ -157,7 +166,7 @@ class SmtpSink:
 
     async def handle_DATA(self, server, session, envelope):
         if self.on_data is not None:
-            self.on_data(envelope)
+            self.on_data(session, envelope)
         with self._changed:
             if self._drops:
                 self._drops -= 1
@@ -171,7 +180,14 @@ class SmtpSink:
         message["X-RcptTo"] = ", ".join(envelope.rcpt_tos)
         with self._changed:
             self._messages.append(message)
+            self.arrivals.append(time.monotonic())
             self._changed.notify_all()
+            hangup = self._hangups.pop(0) if self._hangups else None
+        if hangup is not None:  # after the reply below has been written
+            loop = asyncio.get_running_loop()
+            loop.call_soon(server.transport.close)
+            if hangup:
+                loop.call_soon(self._controller.server.close)
         return "250 2.0.0 OK: queued"
 
     def _authenticate(self, server, session, envelope, mechanism, auth_data):
