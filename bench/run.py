@@ -2,7 +2,7 @@
 
     python bench/run.py                 # every row at full size (a few minutes)
     python bench/run.py --quick         # smaller sizes, shorter loads
-    python bench/run.py --only fanout   # one or more of: ingest, fanout, e2e, growth
+    python bench/run.py --only fanout   # one or more of: ingest, fanout, e2e, growth, pace
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import sqlalchemy as sa  # noqa: E402
 from bench import harness as h  # noqa: E402
 from bench.sink import Sink  # noqa: E402
 
-SECTIONS = ("ingest", "fanout", "e2e", "growth")
+SECTIONS = ("ingest", "fanout", "e2e", "growth", "pace")
 
 
 @dataclass
@@ -585,6 +585,7 @@ def main() -> int:
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
+    args.pace_size, args.pace_rtts = (100 if args.quick else 200), [0.02, 0.002]
     if args.quick:
         args.load_seconds, args.requests, args.repeats, args.naive_cap = 3, 25_000, 2, 500
         args.fanout_sizes, args.e2e_sizes, args.growth_rows = [300, 1000], [10, 100, 1000], 100_000
@@ -606,7 +607,10 @@ def main() -> int:
         f"{os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}")
     with Sink() as sink, WeComStandIn(h.CORP_ID, h.SECRET, {}) as standin:
         run = Run(args, sink, standin)
-        for name, section in (("ingest", ingest), ("fanout", fanout), ("e2e", end_to_end), ("growth", growth)):
+        from bench.pace import pace
+
+        for name, section in (("ingest", ingest), ("fanout", fanout), ("e2e", end_to_end), ("growth", growth),
+                              ("pace", pace)):
             if name in args.only:
                 section(run)
     print_table(run)

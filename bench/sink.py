@@ -41,14 +41,17 @@ class _Stats:
 class _AcceptAll:
     """aiosmtpd handler: every recipient and every message is accepted, nothing is parsed or kept."""
 
-    def __init__(self, stats: _Stats):
+    def __init__(self, stats: _Stats, pipelining: bool = False):
         self.stats = stats
+        self.pipelining = pipelining
 
     async def handle_EHLO(self, server, session, envelope, hostname, responses):
         session.host_name = hostname
         values = self.stats.read()
         values[CONNECTIONS] += 1
         self.stats.write(values)
+        if self.pipelining:  # aiosmtpd reads pipelined commands; it advertises them only when told to
+            responses.insert(1, "250-PIPELINING")
         return responses
 
     async def handle_DATA(self, server, session, envelope):
@@ -66,13 +69,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="benchmark SMTP sink on 127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--stats", required=True)
+    parser.add_argument("--pipelining", action="store_true", help="advertise PIPELINING (RFC 2920) in EHLO")
     args = parser.parse_args()
     from aiosmtpd.controller import Controller
 
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command at INFO
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    controller = Controller(_AcceptAll(_Stats(args.stats)), hostname="127.0.0.1", port=args.port,
+    controller = Controller(_AcceptAll(_Stats(args.stats), args.pipelining), hostname="127.0.0.1", port=args.port,
                             server_hostname="bench-sink.test")  # no getfqdn() DNS lookup per connection
     controller.start()
     print("ready", flush=True)
@@ -83,10 +87,11 @@ def main() -> None:
 class Sink:
     """Start with `with Sink() as sink:`; `reset()` before a run, `wait(n)` for n messages, `rate()` after."""
 
-    def __init__(self):
+    def __init__(self, pipelining: bool = False):
         from devtools.ports import free_port  # imported here: the sink process itself needs only aiosmtpd
 
         self.port = free_port()
+        self.pipelining = pipelining
         fd, self._path = tempfile.mkstemp(prefix="wmbench-sink-")
         os.write(fd, bytes(LAYOUT.size))
         os.close(fd)
@@ -95,8 +100,9 @@ class Sink:
 
     def __enter__(self) -> "Sink":
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        self._process = subprocess.Popen([sys.executable, "-m", "bench.sink", "--port", str(self.port),
-                                          "--stats", self._path], cwd=root, stdout=subprocess.PIPE, text=True)
+        args = [sys.executable, "-m", "bench.sink", "--port", str(self.port), "--stats", self._path]
+        self._process = subprocess.Popen(args + (["--pipelining"] if self.pipelining else []), cwd=root,
+                                         stdout=subprocess.PIPE, text=True)
         if self._process.stdout.readline().strip() != "ready":
             raise RuntimeError("the benchmark SMTP sink did not start")
         return self
