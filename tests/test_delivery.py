@@ -171,11 +171,15 @@ def test_smtp_550_fails_that_recipient_only(service, smtp_sink, crypto):
 
 
 def test_expired_token_is_refreshed_once_and_the_mail_goes_out(service, standin, smtp_sink, crypto):
-    service.drain()
+    service.drain()  # the start-up snapshot: the first token, one listing
+    assert (standin.tokens_issued, standin.calls["user/list"]) == (1, 1)
     standin.expire_tokens()
     signed_post(service.test_client(), crypto, change("create_user"))
     service.drain()
-    assert len(smtp_sink.messages) == 5
+    assert sorted(m["X-RcptTo"] for m in smtp_sink.messages) == [f"user{i:04d}@corp.example" for i in range(1, 6)]
+    # The event's listing: rejected with the expired token, one new token, listed again.
+    assert standin.tokens_issued == 2 and standin.calls["gettoken"] == 2
+    assert standin.calls["user/list"] == 3
 
 
 def test_invalid_token_forever_fails_the_event_with_a_clear_reason(service, standin, smtp_sink, crypto):
@@ -184,7 +188,11 @@ def test_invalid_token_forever_fails_the_event_with_a_clear_reason(service, stan
     service.drain()
     [row] = event_rows(service.engine)
     assert row.status == "failed" and "40014" in row.reason
-    assert standin.calls["user/list"] <= 4 and smtp_sink.messages == []
+    assert smtp_sink.messages == []
+    # Two listings (the start-up snapshot, then the event), each refreshed once: the snapshot's first token
+    # and its refresh, then the event's refresh of the stored (rejected) one; two user/list calls each.
+    assert standin.tokens_issued == 3 and standin.calls["gettoken"] == 3
+    assert standin.calls["user/list"] == 4
 
 
 def test_rate_limit_is_retried_later_and_delivered(service, standin, smtp_sink, crypto):
