@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import ssl
 import threading
+import time
 import weakref
 from email import policy
 from email.message import EmailMessage
@@ -15,7 +16,8 @@ from devtools.ports import free_port
 
 
 class SmtpSink:
-    """An SMTP server keeping what it accepts in `.messages`, the envelope as X-Peer/X-MailFrom/X-RcptTo."""
+    """An SMTP server keeping what it accepts in `.messages`, the envelope as X-Peer/X-MailFrom/X-RcptTo, and
+    when each was accepted in `.arrivals` (time.monotonic(), same order)."""
 
     def __init__(self, *, tls_context: ssl.SSLContext | None = None,
                  starttls_context: ssl.SSLContext | None = None, require_starttls: bool = False,
@@ -28,6 +30,7 @@ class SmtpSink:
         self.users = dict(auth or {})
         self.connections = 0          # connections that said EHLO/HELO (a STARTTLS upgrade is not a new one)
         self._messages: list[EmailMessage] = []
+        self._arrivals: list[float] = []
         self._rejected: dict[str, str] = {}
         self._failures: list[str] = []
         self._greeted: weakref.WeakSet = weakref.WeakSet()
@@ -79,10 +82,19 @@ class SmtpSink:
         with self._changed:
             return list(self._messages)
 
-    def wait_for(self, count: int, timeout: float = 10) -> bool:
-        """Wait until at least `count` messages have arrived; False on timeout."""
+    @property
+    def arrivals(self) -> list[float]:
+        """time.monotonic() when each message of `.messages` was accepted."""
         with self._changed:
-            return self._changed.wait_for(lambda: len(self._messages) >= count, timeout)
+            return list(self._arrivals)
+
+    def wait_for(self, count: int, timeout: float = 10) -> bool:
+        """Wait until at least `count` messages have arrived (True); fail on timeout, as wait_until does."""
+        with self._changed:
+            if self._changed.wait_for(lambda: len(self._messages) >= count, timeout):
+                return True
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {count} messages at the SMTP sink "
+                                 f"(got {len(self._messages)})")
 
     def reject(self, address: str, reply: str = "550 5.1.1 no such user") -> None:
         """Answer RCPT TO:<address> with `reply` from now on."""
@@ -140,6 +152,7 @@ class SmtpSink:
         message["X-RcptTo"] = ", ".join(envelope.rcpt_tos)
         with self._changed:
             self._messages.append(message)
+            self._arrivals.append(time.monotonic())
             self._changed.notify_all()
         return "250 2.0.0 OK: queued"
 
