@@ -1,6 +1,7 @@
 """A real SMTP server on 127.0.0.1 for tests (aiosmtpd), with rejections and outages on demand."""
 from __future__ import annotations
 
+import asyncio
 import ssl
 import threading
 import time
@@ -160,3 +161,18 @@ class SmtpSink:
         ok = (isinstance(auth_data, LoginPassword)
               and self.users.get(auth_data.login.decode()) == auth_data.password.decode())
         return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
+
+
+class SlowSink(SmtpSink):
+    """An SMTP server that takes `data_seconds` to answer each DATA (a slow or distant relay); `in_data` is set
+    once the first message's content has arrived and its answer is pending."""
+
+    def __init__(self, data_seconds: float, **options):
+        super().__init__(**options)
+        self.data_seconds = data_seconds
+        self.in_data = threading.Event()
+
+    async def handle_DATA(self, server, session, envelope):
+        self.in_data.set()
+        await asyncio.sleep(self.data_seconds)
+        return await super().handle_DATA(server, session, envelope)
