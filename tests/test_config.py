@@ -123,14 +123,16 @@ def _example_env() -> dict[str, str | None]:
 
 
 def _design_md() -> str:
-    """The shared DESIGN.md beside this checkout; absent, the test fails unless ALLOW_NO_SHARED=1 says to skip."""
+    """The shared DESIGN.md beside this checkout. Absent, CI (REQUIRE_MYSQL=1) fails unless ALLOW_NO_SHARED=1;
+    elsewhere (a fresh clone, where `make test` must pass) the test skips and the run's last line says so."""
     path = ROOT.parent / "shared" / "DESIGN.md"
     if path.is_file():
         return path.read_text(encoding="utf-8")
-    if os.environ.get("ALLOW_NO_SHARED") == "1":
-        pytest.skip("ALLOW_NO_SHARED=1: config.example.env not checked against ../shared/DESIGN.md")
-    pytest.fail(f"{path} is absent, so config.example.env cannot be checked against DESIGN.md's variable "
-                "table: put the shared folder beside the checkout, or set ALLOW_NO_SHARED=1 to skip this check")
+    problem = f"{path} is absent, so config.example.env is not checked against DESIGN.md's variable table"
+    if os.environ.get("REQUIRE_MYSQL") == "1" and os.environ.get("ALLOW_NO_SHARED") != "1":
+        pytest.fail(f"{problem}: put the shared folder beside the checkout, or set ALLOW_NO_SHARED=1 to skip "
+                    "this check knowingly")
+    pytest.skip(f"../shared/DESIGN.md is absent ({problem}; CI fails here)")
 
 
 def test_example_env_is_valid():
