@@ -73,7 +73,10 @@ def test_directory_is_one_query_per_chunk(state):
 
 
 def test_no_members_no_query(state):
+    statements = []
+    sa.event.listen(state, "before_cursor_execute", lambda *args: statements.append(args[2]))
     assert resolve(settings(), state, []) == []
+    assert statements == []
 
 
 @pytest.mark.parametrize("address, valid", [

@@ -11,7 +11,7 @@ import services
 from store import schema
 import templates_repo
 import wecom
-from support import DEPARTMENT, TEST_CORP_ID, signed_post
+from support import DEPARTMENT, TEST_CORP_ID, event_rows, rows, signed_post
 
 TOKEN = "admin-token-for-tests-0123456789abcdef"
 CREATED_AT = 1700000000  # 2023-11-15 06:13:20 in Asia/Shanghai
@@ -203,12 +203,32 @@ def test_retry_with_csrf_requeues_the_failed_delivery_and_it_is_sent(service, fa
     assert "user0003@corp.example" in {m["X-RcptTo"] for m in smtp_sink.messages}
 
 
-def test_retry_all_failed(service, failed_delivery):
+def test_retry_all_failed_resends_the_failed_deliveries_of_every_event(service, smtp_sink, crypto):
+    refused = {"create_user": "user0003@corp.example", "update_user": "user0004@corp.example"}
+    for change_type, address in refused.items():  # two events, each with one delivery refused for good
+        smtp_sink.reject(address, "550 5.1.1 no such user")
+        assert signed_post(service.test_client(), crypto, change(change_type)).data == b"success"
+        service.drain()
+        smtp_sink.reject(address, "")  # an empty reply: accepted again
+    failed = rows(service.engine, schema.deliveries, schema.deliveries.c.status == "failed")
+    assert sorted((d.event_id, d.address) for d in failed) == [(1, refused["create_user"]),
+                                                              (2, refused["update_user"])]
+    before = len(smtp_sink.messages)
+    assert before == 8
+
     client = service.test_client()
     csrf = log_in(client)
     response = client.post("/admin/retry-failed", data={"csrf_token": csrf})
     assert response.status_code == 302
-    assert delivery(service.engine, "user0003@corp.example").status == "retry"
+    page = client.get(response.headers["Location"]).get_data(as_text=True)
+    assert "已重新排队 Requeued: 0 个事件 event(s), 2 个投递 delivery(ies)" in page
+    service.drain()
+
+    resent = sorted((m["X-RcptTo"], m["Subject"]) for m in smtp_sink.messages[before:])
+    assert resent == [("user0003@corp.example", "新增成员"), ("user0004@corp.example", "更新成员")]
+    again = rows(service.engine, schema.deliveries, schema.deliveries.c.id.in_([d.id for d in failed]))
+    assert [d.status for d in again] == ["sent", "sent"]
+    assert [e.status for e in event_rows(service.engine)] == ["done", "done"]
 
 
 def test_a_session_csrf_token_is_no_good_in_another_session(admin_app):

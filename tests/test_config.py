@@ -116,18 +116,35 @@ def test_gunicorn_stops_with_one_line(tmp_path):
     assert TEST_SECRET not in result.stderr + result.stdout
 
 
-def test_example_env_lists_every_variable_and_is_valid():
+def _example_env() -> dict[str, str | None]:
     from dotenv import dotenv_values
 
+    return dotenv_values(ROOT / "config.example.env")
+
+
+def _design_md() -> str:
+    """The shared DESIGN.md beside this checkout. Absent, CI (REQUIRE_MYSQL=1) fails unless ALLOW_NO_SHARED=1;
+    elsewhere (a fresh clone, where `make test` must pass) the test skips and the run's last line says so."""
+    path = ROOT.parent / "shared" / "DESIGN.md"
+    if path.is_file():
+        return path.read_text(encoding="utf-8")
+    problem = f"{path} is absent, so config.example.env is not checked against DESIGN.md's variable table"
+    if os.environ.get("REQUIRE_MYSQL") == "1" and os.environ.get("ALLOW_NO_SHARED") != "1":
+        pytest.fail(f"{problem}: put the shared folder beside the checkout, or set ALLOW_NO_SHARED=1 to skip "
+                    "this check knowingly")
+    pytest.skip(f"../shared/DESIGN.md is absent ({problem}; CI fails here)")
+
+
+def test_example_env_is_valid():
+    example = _example_env()
+    assert config.from_env({k: v for k, v in example.items() if v})
+
+
+def test_example_env_lists_every_variable_of_design_md():
     import re
 
-    example = dotenv_values(ROOT / "config.example.env")
-    design_path = ROOT.parent / "shared" / "DESIGN.md"
-    if not design_path.exists():
-        pytest.skip("../shared/DESIGN.md is not beside this checkout")
-    design = design_path.read_text()
-
-    documented = set(re.findall(r"^\| `([A-Z_]+)`(?:, `([A-Z_]+)`)?(?: / `([A-Z_]+)`)?", design, re.M))
+    documented = set(re.findall(r"^\| `([A-Z_]+)`(?:, `([A-Z_]+)`)?(?: / `([A-Z_]+)`)?", _design_md(), re.M))
     names = {n for row in documented for n in row if n}
-    assert names and names <= set(example), f"missing from config.example.env: {names - set(example)}"
-    assert config.from_env({k: v for k, v in example.items() if v})
+    example = _example_env()
+    assert len(names) >= 20, f"DESIGN.md's variable table was not found (read {sorted(names)})"
+    assert names <= set(example), f"missing from config.example.env: {names - set(example)}"

@@ -25,6 +25,18 @@ def delivery_rows(engine):
         return conn.execute(sa.select(schema.deliveries).order_by(schema.deliveries.c.id)).all()
 
 
+def mailed(sink) -> list[str]:
+    """Who received a message (the SMTP envelope's recipient), one entry per message, sorted."""
+    return sorted(m["X-RcptTo"] for m in sink.messages)
+
+
+def addresses(*userids) -> list[str]:
+    return sorted(f"{u}@corp.example" for u in userids)
+
+
+MEMBERS = [f"user{i:04d}" for i in range(1, 6)]  # the stand-in's department 2
+
+
 EXPECTED = {
     "create_user": ("新增成员", "新增时间：2023-11-15 06:13:20\n 新增成员 ID：user0003"),
     "update_user": ("更新成员", "更新时间：2023-11-15 06:13:20\n 更新成员 ID：user0003"),
@@ -55,7 +67,7 @@ def test_the_same_callback_again_sends_no_second_email(service, smtp_sink, crypt
     service.drain()
     signed_post(client, crypto, xml)  # WeCom's retry of the same event
     service.drain()
-    assert len(smtp_sink.messages) == 5
+    assert mailed(smtp_sink) == addresses(*MEMBERS)
     assert len(event_rows(service.engine)) == 1
 
 
@@ -65,8 +77,7 @@ def test_new_member_is_among_the_recipients(service, standin, smtp_sink, crypto)
     standin.set_members(DEPARTMENT, make_members(5, DEPARTMENT) + [newcomer])
     signed_post(service.test_client(), crypto, change("create_user", "wangwu"))
     service.drain()
-    assert "wangwu@corp.example" in {m["X-RcptTo"] for m in smtp_sink.messages}
-    assert len(smtp_sink.messages) == 6
+    assert mailed(smtp_sink) == addresses(*MEMBERS, "wangwu")  # each member once, the newcomer too
 
 
 def test_deleted_member_is_recognised_from_the_snapshot_and_not_mailed(service, standin, smtp_sink, crypto):
@@ -79,11 +90,18 @@ def test_deleted_member_is_recognised_from_the_snapshot_and_not_mailed(service, 
     assert "删除成员 ID：user0005" in text(smtp_sink.messages[0])
 
 
-def test_member_moving_out_of_the_department_is_noticed(service, smtp_sink, crypto):
-    service.drain()
+def test_member_moving_out_of_the_department_is_noticed(service, standin, smtp_sink, crypto):
+    service.drain()  # the snapshot knows user0002 as a member of department 2
+    moved = make_members(5, DEPARTMENT)
+    mover = moved.pop(1)
+    standin.set_members(DEPARTMENT, moved)
+    standin.set_members(9, [{**mover, "department": [9]}])
     signed_post(service.test_client(), crypto, change("update_user", "user0002", departments="9"))
     service.drain()
-    assert len(smtp_sink.messages) == 5
+    # Recognised from the snapshot; mailed to the department as it is now listed, without the one who left.
+    assert mailed(smtp_sink) == addresses("user0001", "user0003", "user0004", "user0005")
+    assert all(text(m) == "更新时间：2023-11-15 06:13:20\n 更新成员 ID：user0002" for m in smtp_sink.messages)
+    assert event_rows(service.engine)[0].status == "done"
 
 
 def test_change_outside_the_watched_department_is_ignored_under_department_scope(service, smtp_sink, crypto):
@@ -99,7 +117,7 @@ def test_corp_scope_notifies_the_department_of_any_change(service, smtp_sink, cr
     worker = service.make_worker(notify_scope="corp")
     signed_post(service.test_client(), crypto, change("create_user", "stranger", departments="9"))
     service.drain(worker)
-    assert len(smtp_sink.messages) == 5
+    assert mailed(smtp_sink) == addresses(*MEMBERS)
     assert "新增成员 ID：stranger" in text(smtp_sink.messages[0])
 
 
@@ -124,7 +142,8 @@ def test_template_injection_is_a_recorded_render_error_and_the_worker_lives_on(s
     rows = event_rows(service.engine)
     assert rows[0].status == "failed" and "template error" in rows[0].reason and "userid.__class__" in rows[0].reason
     assert rows[1].status == "done"
-    assert len(smtp_sink.messages) == 5 and not worker.stop.is_set()
+    assert mailed(smtp_sink) == addresses(*MEMBERS) and {m["Subject"] for m in smtp_sink.messages} == {"更新成员"}
+    assert not worker.stop.is_set()
 
 
 def test_name_with_crlf_adds_no_header(service, standin, smtp_sink, crypto):
@@ -166,16 +185,20 @@ def test_smtp_550_fails_that_recipient_only(service, smtp_sink, crypto):
     rows = {r.userid: r for r in delivery_rows(service.engine)}
     assert rows["user0002"].status == "failed" and "550" in rows["user0002"].reason
     assert [rows[u].status for u in ("user0001", "user0003", "user0004", "user0005")] == ["sent"] * 4
-    assert len(smtp_sink.messages) == 4
+    assert mailed(smtp_sink) == addresses("user0001", "user0003", "user0004", "user0005")
     assert event_rows(service.engine)[0].status == "done"
 
 
 def test_expired_token_is_refreshed_once_and_the_mail_goes_out(service, standin, smtp_sink, crypto):
-    service.drain()
+    service.drain()  # the start-up snapshot: the first token, one listing
+    assert (standin.tokens_issued, standin.calls["user/list"]) == (1, 1)
     standin.expire_tokens()
     signed_post(service.test_client(), crypto, change("create_user"))
     service.drain()
-    assert len(smtp_sink.messages) == 5
+    assert sorted(m["X-RcptTo"] for m in smtp_sink.messages) == [f"user{i:04d}@corp.example" for i in range(1, 6)]
+    # The event's listing: rejected with the expired token, one new token, listed again.
+    assert standin.tokens_issued == 2 and standin.calls["gettoken"] == 2
+    assert standin.calls["user/list"] == 3
 
 
 def test_invalid_token_forever_fails_the_event_with_a_clear_reason(service, standin, smtp_sink, crypto):
@@ -184,7 +207,11 @@ def test_invalid_token_forever_fails_the_event_with_a_clear_reason(service, stan
     service.drain()
     [row] = event_rows(service.engine)
     assert row.status == "failed" and "40014" in row.reason
-    assert standin.calls["user/list"] <= 4 and smtp_sink.messages == []
+    assert smtp_sink.messages == []
+    # Two listings (the start-up snapshot, then the event), each refreshed once: the snapshot's first token
+    # and its refresh, then the event's refresh of the stored (rejected) one; two user/list calls each.
+    assert standin.tokens_issued == 3 and standin.calls["gettoken"] == 3
+    assert standin.calls["user/list"] == 4
 
 
 def test_rate_limit_is_retried_later_and_delivered(service, standin, smtp_sink, crypto):
@@ -214,7 +241,7 @@ def test_fetch_child_covers_a_new_member_of_a_sub_department(service, standin, s
     service.drain(worker)  # snapshot covers department 2 and its sub-department 21
     signed_post(service.test_client(), crypto, change("create_user", "child1", departments="21"))
     service.drain(worker)
-    assert len(smtp_sink.messages) == 6 and "child1@corp.example" in {m["X-RcptTo"] for m in smtp_sink.messages}
+    assert mailed(smtp_sink) == addresses(*MEMBERS, "child1")
 
 
 def test_logs_name_each_member_mailed_and_count_the_event(service, smtp_sink, crypto, caplog):

@@ -14,13 +14,12 @@ import shlex
 import shutil
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from support import ROOT, base_env, free_port
+from support import ROOT, base_env, free_port, wait_until
 from support.imports import graph, project_modules, reachable
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -325,15 +324,20 @@ def _run_build_stage(stage: Stage, root: Path, paths: dict[str, Path]) -> None:
 
 
 def _wait_healthy(command: list[str], env: dict, cwd: Path, process: subprocess.Popen, log: Path,
-                  timeout: float = 60) -> subprocess.CompletedProcess:
+                  timeout: float = 60) -> None:
     """Run the HEALTHCHECK command until it passes, as Docker does during the start period (bounded)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=10)
-        if result.returncode == 0 or time.monotonic() > deadline:
-            return result
-        assert process.poll() is None, f"the CMD exited early:\n{log.read_text()[-3000:]}"
-        time.sleep(0.2)
+    last: list[subprocess.CompletedProcess] = []
+
+    def healthy() -> bool:
+        if process.poll() is not None:
+            pytest.fail(f"the CMD exited early:\n{log.read_text()[-3000:]}")
+        last[:] = [subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=10)]
+        return last[0].returncode == 0
+    try:
+        wait_until(healthy, timeout=timeout, interval=0.2, what="the HEALTHCHECK command to pass")
+    except AssertionError as exc:
+        said = f"{last[0].stdout}{last[0].stderr}" if last else ""
+        raise AssertionError(f"{exc}; it said: {said[-2000:]}\n{log.read_text()[-3000:]}") from None
 
 
 @pytest.mark.slow
@@ -374,8 +378,7 @@ def test_the_build_installs_and_the_cmd_starts_healthy(stages, tmp_path):
         probe = [_on_host(word, paths) for word in healthcheck_command(final)]
         probe[0] = shutil.which(probe[0], path=env["PATH"])
         assert probe[0].startswith(str(venv))
-        result = _wait_healthy(probe, env, app_dir, process, log)
-        assert result.returncode == 0, f"HEALTHCHECK failed: {result.stderr}\n{log.read_text()[-3000:]}"
+        _wait_healthy(probe, env, app_dir, process, log)
 
         # The one-shot of docker-compose.yml runs from the same image.
         flask = [shutil.which("flask", path=env["PATH"]), "--app", "app", "init-db", "--seed-templates"]

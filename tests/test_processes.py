@@ -7,12 +7,11 @@ from urllib.parse import urlencode
 
 import pytest
 import requests
-import sqlalchemy as sa
 
 from store import db, migrate, schema
 import templates_repo
 import wecom
-from support import DEPARTMENT, TEST_CORP_ID, base_env, wait_until
+from support import DEPARTMENT, TEST_CORP_ID, base_env, count, rows, wait_until
 from devtools.wecom_standin import make_members
 
 pytestmark = pytest.mark.slow
@@ -40,44 +39,58 @@ def recipients(sink) -> collections.Counter:
     return collections.Counter(m["X-RcptTo"] for m in sink.messages)
 
 
+@pytest.fixture
+def state(mysql_service_env):
+    """The state database the processes share, as the test reads it."""
+    engine = db.make_engine(mysql_service_env["DATABASE_URL"])
+    yield engine
+    engine.dispose()
+
+
+def wait_until_finished(engine, *senders, timeout: float = 60):
+    """Wait until every event is done with its lease released, then stop the processes that send: each one
+    finishes the message in flight and exits. From then on no mail can arrive, so counting proves absence."""
+    def finished():
+        events = rows(engine, schema.events)
+        return events and all(e.status == "done" and e.lease_owner is None for e in events)
+    wait_until(finished, timeout=timeout, what="every event done, its lease released")
+    for sender in senders:
+        sender.stop()
+        assert sender.proc.returncode == 0, sender.log[-3000:]
+
+
 def test_two_worker_processes_mail_a_300_member_department_exactly_once(
-        mysql_service_env, standin, smtp_sink, processes, crypto):
+        mysql_service_env, state, standin, smtp_sink, processes, crypto):
     standin.set_members(DEPARTMENT, make_members(300, DEPARTMENT))
     _, base = processes.gunicorn(dict(mysql_service_env, WORKER_IN_WEB="false"))
-    processes.worker(mysql_service_env)
-    processes.worker(mysql_service_env)
+    workers = [processes.worker(mysql_service_env), processes.worker(mysql_service_env)]
     assert post_event(base, crypto, "create_user", "user0001").text == "success"
     assert smtp_sink.wait_for(300, timeout=90)
-    time.sleep(1)  # a duplicate would arrive now, if either worker were to send one
+    wait_until_finished(state, *workers)
     counts = recipients(smtp_sink)
-    assert len(counts) == 300 and set(counts.values()) == {1}
+    assert set(counts) == {f"user{i:04d}@corp.example" for i in range(1, 301)}
+    assert set(counts.values()) == {1}
+    assert {d.status for d in rows(state, schema.deliveries)} == {"sent"}
 
 
-def test_a_2000_member_department_is_answered_in_milliseconds_and_mailed_once(
-        mysql_service_env, standin, smtp_sink, processes, crypto):
+def test_a_2000_member_department_is_answered_before_its_first_mail_and_mailed_once(
+        mysql_service_env, state, standin, smtp_sink, processes, crypto):
     standin.set_members(DEPARTMENT, make_members(2000, DEPARTMENT))
-    _, base = processes.gunicorn(dict(mysql_service_env, WORKER_IN_WEB="true"))  # web process + delivery thread
-    assert wait_until(lambda: _snapshot_taken(mysql_service_env["DATABASE_URL"]), timeout=30)
-    started = time.perf_counter()
+    web, base = processes.gunicorn(dict(mysql_service_env, WORKER_IN_WEB="true"))  # web process + delivery thread
+    wait_until(lambda: count(state, schema.department_snapshots), timeout=30, what="the start-up snapshot")
+    started = time.monotonic()
     answer = post_event(base, crypto, "update_user", "user0042")
-    answered_ms = (time.perf_counter() - started) * 1000
-    mailed_before_answer = len(smtp_sink.messages)
+    answered_at = time.monotonic()  # taken after the answer is read: if anything, later than it arrived
     assert answer.status_code == 200 and answer.text == "success"
-    assert mailed_before_answer < 2000  # the answer did not wait for the fan-out
     assert smtp_sink.wait_for(2000, timeout=180)
-    elapsed = time.perf_counter() - started
-    time.sleep(1)
+    wait_until_finished(state, web)
+    arrivals = smtp_sink.arrivals
     counts = recipients(smtp_sink)
     duplicates = sum(n - 1 for n in counts.values())
-    print(f"\n2,000 members: answered in {answered_ms:.1f} ms; {len(counts)} mailed in {elapsed:.1f} s "
-          f"({len(counts) / elapsed:.0f} mails/s); duplicates {duplicates}")
-    assert len(counts) == 2000 and duplicates == 0
-
-
-def _snapshot_taken(url: str) -> bool:
-    engine = sa.create_engine(url)
-    try:
-        with engine.connect() as conn:
-            return bool(conn.execute(sa.select(sa.func.count()).select_from(schema.department_snapshots)).scalar())
-    finally:
-        engine.dispose()
+    print(f"\n2,000 members: answered in {(answered_at - started) * 1000:.1f} ms; first mail "
+          f"{(arrivals[0] - answered_at) * 1000:.0f} ms after the answer; {len(counts)} mailed in "
+          f"{arrivals[-1] - started:.1f} s ({len(counts) / (arrivals[-1] - started):.0f} mails/s); "
+          f"duplicates {duplicates}")
+    # No duration is asserted (the machine is shared); the order is: the answer waited for none of the fan-out.
+    assert answered_at < arrivals[0], "a mail of the fan-out arrived before WeCom had its answer"
+    assert set(counts) == {f"user{i:04d}@corp.example" for i in range(1, 2001)} and duplicates == 0

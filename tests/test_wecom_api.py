@@ -118,7 +118,9 @@ def test_token_rejected_forever_is_permanent_and_bounded(wecom_api):
 
     assert caught.value.permanent and caught.value.errcode == 40014
     assert "WECOM_CONTACT_SECRET" in str(caught.value)
-    assert wecom_api.calls["gettoken"] <= 2 and wecom_api.calls["user/list"] <= 2
+    # A first token and one refresh after its rejection; the listing tried with each: no third round.
+    assert wecom_api.calls["gettoken"] == 2 and wecom_api.tokens_issued == 2
+    assert wecom_api.calls["user/list"] == 2
 
 
 @pytest.mark.parametrize("answer, transient, hint", [

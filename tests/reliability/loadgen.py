@@ -42,7 +42,7 @@ def main(url: str, packets_path: str, rate: float) -> None:
     with ThreadPoolExecutor(THREADS) as pool:
         for index in range(len(packets)):
             due = begin + index / rate
-            time.sleep(max(0.0, due - time.monotonic()))
+            time.sleep(max(0.0, due - time.monotonic()))  # pacing the load at `rate` (the scenario, not a wait)
             pool.submit(send, index, due)
     json.dump({"answers": answers, "seconds": time.monotonic() - begin}, sys.stdout)
 

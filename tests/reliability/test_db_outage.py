@@ -44,7 +44,7 @@ def test_database_crash_during_ingest_answers_503_and_the_retries_are_recorded_o
         with requests.Session() as session:
             for i, one in enumerate(sealed):
                 answers[i] = post(base, one, session).status_code
-                time.sleep(0.05)
+                time.sleep(0.05)  # pacing, part of the scenario: WeCom's callbacks arrive over time, not at once
 
     sender = threading.Thread(target=ingest)
     sender.start()
@@ -55,6 +55,7 @@ def test_database_crash_during_ingest_answers_503_and_the_retries_are_recorded_o
     assert _status(f"{base}/healthz") == 200
     sender.join(timeout=60)
     assert not sender.is_alive()
+    # Part of the scenario, not a wait for a condition: the database stays down for OUTAGE_SECONDS.
     time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
     assert _status(f"{base}/readyz") == 503
     private_mariadb.start()

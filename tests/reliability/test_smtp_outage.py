@@ -36,6 +36,7 @@ def test_smtp_server_down_for_ten_seconds_mid_fan_out_then_everything_is_deliver
     # While the server is down the worker backs off: the row it tried is in retry with the reason.
     in_retry = wait_for(lambda: [d for d in _deliveries_in_retry(engine) if d.attempts >= 3], OUTAGE_SECONDS,
                         "a delivery retried three times during the outage")
+    # Part of the scenario, not a wait for a condition: the server stays down for OUTAGE_SECONDS.
     time.sleep(max(0.0, OUTAGE_SECONDS - (time.monotonic() - down_at)))
     during = rows(engine, schema.deliveries)
     smtp_sink.start()
@@ -94,7 +95,7 @@ def test_smtp_answering_451_for_a_while_is_retried_with_backoff_and_nothing_fail
     busy_at = time.monotonic()
     wait_for(lambda: [d for d in _deliveries_in_retry(engine) if d.attempts >= 2], 30,
              "deliveries retried after 451")
-    time.sleep(max(0.0, 4 - (time.monotonic() - busy_at)))
+    time.sleep(max(0.0, 4 - (time.monotonic() - busy_at)))  # the scenario: 451 for 4 s (not a wait for a condition)
     during = rows(engine, schema.deliveries)
     smtp_sink.fail_next(0)
     figure("SMTP 451 period survived (s)", round(time.monotonic() - busy_at, 1))

@@ -17,7 +17,8 @@ from devtools.ports import free_port
 
 
 class SmtpSink:
-    """An SMTP server keeping what it accepts in `.messages`, the envelope as X-Peer/X-MailFrom/X-RcptTo."""
+    """An SMTP server keeping what it accepts in `.messages`, the envelope as X-Peer/X-MailFrom/X-RcptTo, and
+    when each was accepted in `.arrivals` (time.monotonic(), same order)."""
 
     def __init__(self, *, tls_context: ssl.SSLContext | None = None,
                  starttls_context: ssl.SSLContext | None = None, require_starttls: bool = False,
@@ -35,11 +36,11 @@ class SmtpSink:
         self.connections = 0          # connections that said EHLO/HELO (a STARTTLS upgrade is not a new one)
         self.logins = 0               # successful AUTHs
         self.commands: list[str] = []  # MAIL and RCPT as they arrived, e.g. "RCPT user1@corp.example"
-        self.arrivals: list[float] = []  # time.monotonic() of each kept message, in order
         self._mail_replies: list[str] = []
         self._drops = 0
         self._hangups: list[bool] = []  # per coming message: close after the reply (True: and stop listening)
         self._messages: list[EmailMessage] = []
+        self._arrivals: list[float] = []
         self._rejected: dict[str, str] = {}
         self._failures: list[str] = []
         self._greeted: weakref.WeakSet = weakref.WeakSet()
@@ -91,10 +92,19 @@ class SmtpSink:
         with self._changed:
             return list(self._messages)
 
-    def wait_for(self, count: int, timeout: float = 10) -> bool:
-        """Wait until at least `count` messages have arrived; False on timeout."""
+    @property
+    def arrivals(self) -> list[float]:
+        """time.monotonic() when each message of `.messages` was accepted."""
         with self._changed:
-            return self._changed.wait_for(lambda: len(self._messages) >= count, timeout)
+            return list(self._arrivals)
+
+    def wait_for(self, count: int, timeout: float = 10) -> bool:
+        """Wait until at least `count` messages have arrived (True); fail on timeout, as wait_until does."""
+        with self._changed:
+            if self._changed.wait_for(lambda: len(self._messages) >= count, timeout):
+                return True
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {count} messages at the SMTP sink "
+                                 f"(got {len(self._messages)})")
 
     def reject(self, address: str, reply: str = "550 5.1.1 no such user") -> None:
         """Answer RCPT TO:<address> with `reply` from now on."""
@@ -180,7 +190,7 @@ class SmtpSink:
         message["X-RcptTo"] = ", ".join(envelope.rcpt_tos)
         with self._changed:
             self._messages.append(message)
-            self.arrivals.append(time.monotonic())
+            self._arrivals.append(time.monotonic())
             self._changed.notify_all()
             hangup = self._hangups.pop(0) if self._hangups else None
         if hangup is not None:  # after the reply below has been written
@@ -197,3 +207,18 @@ class SmtpSink:
             with self._changed:
                 self.logins += 1
         return AuthResult(success=ok, handled=False, auth_data=auth_data if ok else None)
+
+
+class SlowSink(SmtpSink):
+    """An SMTP server that takes `data_seconds` to answer each DATA (a slow or distant relay); `in_data` is set
+    once the first message's content has arrived and its answer is pending."""
+
+    def __init__(self, data_seconds: float, **options):
+        super().__init__(**options)
+        self.data_seconds = data_seconds
+        self.in_data = threading.Event()
+
+    async def handle_DATA(self, server, session, envelope):
+        self.in_data.set()
+        await asyncio.sleep(self.data_seconds)
+        return await super().handle_DATA(server, session, envelope)
