@@ -60,6 +60,9 @@ def test_netease_quota_used_up_waits_for_tomorrow():
 # --- a round against a server that says slow down -----------------------------------------------------------
 
 def test_a_server_answering_451_to_everything_gets_three_attempts_and_one_shared_retry(service, smtp_sink, crypto):
+    from prometheus_client import REGISTRY
+
+    pauses = REGISTRY.get_sample_value("wecom_mailer_smtp_throttle_pauses_total") or 0
     smtp_sink.refuse_mail(1000, "451 4.7.1 try again later")
     service.drain()  # the member snapshot
     worker = service.make_worker()
@@ -74,6 +77,8 @@ def test_a_server_answering_451_to_everything_gets_three_attempts_and_one_shared
     # The untried wait with the refused ones: one time for the round, the earliest retry it scheduled.
     assert {r.next_attempt_at for r in untried} == {min(r.next_attempt_at for r in tried)}
     assert event_rows(service.engine)[0].status == "sending"
+    scrape = service.test_client().get("/metrics").get_data(as_text=True)
+    assert f"wecom_mailer_smtp_throttle_pauses_total {pauses + 1}" in scrape
 
 
 def test_qq_frequency_limited_550s_fail_nobody_and_pause_the_round(service, smtp_sink, crypto, caplog):
