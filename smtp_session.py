@@ -41,6 +41,7 @@ class SmtpSession:
         self.smtp: smtplib.SMTP | None = None
         self.pipelining = False
         self.dirty = False  # a refused transaction left state on the server: RSET before the next MAIL
+        self.pending = False  # commands out whose replies are unread, or inside DATA: not at a clean boundary
         self.last_used = 0.0
 
     # -- the connection ----------------------------------------------------------------------------
@@ -72,6 +73,7 @@ class SmtpSession:
     def close(self, polite: bool = True) -> None:
         """QUIT (when the peer can still hear it) and close."""
         smtp, self.smtp = self.smtp, None
+        self.pending = False
         if smtp is not None:
             if polite:
                 _quit(smtp)
@@ -92,6 +94,7 @@ class SmtpSession:
         previous: Future | None = None  # the latest outcome being recorded
         strikes = reconnects = 0
         item, staged = take(True), False  # staged: its commands went out with the previous end of data
+        halt: Halt | None = None  # raised by the lookahead's take(): after this message is recorded
         try:
             while item is not None and not _stopped(previous):
                 if self.smtp is None:
@@ -103,7 +106,7 @@ class SmtpSession:
                     item, staged = take(True), False
                     continue
                 try:
-                    result, nxt = self._transact(item, message, staged, previous, take)
+                    result, nxt, halt = self._transact(item, message, staged, previous, take)
                 except _Aborted:
                     return
                 except _Dropped as drop:
@@ -120,10 +123,14 @@ class SmtpSession:
                     raise Halt(result.reason, quota=result.quota)
                 if strikes >= THROTTLE_STRIKES:
                     raise Halt(f"{strikes} transient refusals in a row, the last: {result.reason}", throttled=True)
+                if halt is not None:
+                    raise halt
                 # After a 421 or a drop the staged message never got its content: it starts over.
                 staged = nxt is not None and self.smtp is not None
                 item = nxt if nxt is not None else take(True)
         finally:
+            if self.pending:  # a staged message or an open DATA left behind: never reuse that connection
+                self.close(polite=False)
             try:
                 _settle(previous)
             finally:
@@ -138,33 +145,42 @@ class SmtpSession:
             raise Halt(reason) from None
 
     def _transact(self, item, message: bytes, staged: bool, previous: Future | None, take):
-        """One message: (its result, the next message if its commands went out with this one's end)."""
+        """One message: its result, the next message if its commands went out with this one's end, and a
+        Halt that taking the next one raised (it stops the batch once this message is recorded)."""
         try:
             refusal = self._envelope(item, staged)
         except OSError as exc:
             raise _Dropped(False, f"connection lost before the message was sent ({mailer.reply_text(exc)})")
         if refusal is not None:
-            return refusal, None
-        if _settle(previous) is False:  # the guarantee: the last outcome is recorded, and may go on
-            self.close(polite=False)  # mid-DATA: cut off before the final dot, nothing is accepted
+            return refusal, None, None
+        # The guarantee: the last outcome is recorded before this content goes out. If recording failed or
+        # said stop, the connection is cut here, inside DATA and before the final dot: nothing is accepted.
+        if _settle(previous) is False:
             raise _Aborted
-        nxt = take(False) if self.pipelining else None
+        nxt, halt = None, None
+        if self.pipelining:
+            try:
+                nxt = take(False)
+            except Halt as exc:
+                halt = exc
         try:
             self._write(_content(message) + (self._commands(nxt) if nxt is not None else b""))
             code, text = self._reply()
         except OSError as exc:
             raise _Dropped(True, f"connection lost after the message was sent ({mailer.reply_text(exc)}): "
                                  "it may have arrived", nxt) from None
+        self.pending = nxt is not None
         if code == 250:
-            return mailer.SENT, nxt
+            return mailer.SENT, nxt, halt
         self._closing(code)
-        return mailer.refusal(code, text, self.settings), nxt
+        return mailer.refusal(code, text, self.settings), nxt, halt
 
     def _envelope(self, item, staged: bool) -> mailer.SendResult | None:
         """MAIL FROM, RCPT TO and DATA for `item` (already written when staged); None when the server waits
         for the content (354), else the refusal, every reply read and matched to its command."""
         if not self.pipelining:
             return self._envelope_one_by_one(item)
+        self.pending = True
         if not staged:
             self._write(self._commands(item))
         if self.dirty:
@@ -182,7 +198,7 @@ class SmtpSession:
                 return None
             self._write(b".\r\n")  # DATA accepted although no recipient was: end it, empty and unsent
             self._reply()
-        self.dirty = True
+        self.dirty, self.pending = True, False
         return self._refused(replies)
 
     def _envelope_one_by_one(self, item) -> mailer.SendResult | None:
@@ -190,12 +206,13 @@ class SmtpSession:
             self.smtp.rset()
             self.dirty = False
         replies = []
+        self.pending = True
         for command in _envelope_lines(self.settings, item):
             self._write(command)
             code, text = self._reply()
             replies.append((code, text))
             if code not in (250, 251, 354):
-                self.dirty = True
+                self.dirty, self.pending = True, False
                 self._closing(code)
                 return self._refused(replies)
         return None

@@ -140,3 +140,30 @@ def test_pipelining_over_tls_with_login(ca, security, tmp_path):
     assert halt is None and [r.ok for _, r in results] == [True] * 10
     assert len(server.messages) == 10 and server.logins == 1
     assert proxy.turns <= 10 + 8  # TLS and AUTH take a few turns; the messages one each
+
+
+@pytest.mark.parametrize("advertised", [True, False], ids=["pipelined", "one-by-one"])
+def test_an_outcome_that_cannot_be_recorded_cuts_the_connection_and_the_next_batch_starts_clean(advertised):
+    from smtp_session import Pool
+
+    with SmtpSink(pipelining=advertised) as server:
+        settings = smtp_settings(server.port)
+        pool = Pool(settings)
+
+        def database_gone_at_2(item, result):
+            if item.delivery_id == 2:
+                raise RuntimeError("database is gone")
+
+        with pytest.raises(RuntimeError, match="database is gone"):
+            send_batch(settings, members(5), database_gone_at_2, pool=pool)
+        # Message 3 got as far as DATA; its content never followed: the server kept nothing of it, and the
+        # connection, cut inside DATA, is not kept for the next batch (whose commands would be read as data).
+        assert [m["X-RcptTo"] for m in server.messages] == ["user1@corp.example", "user2@corp.example"]
+        assert [session.smtp for session in pool.sessions] == [None]
+
+        results, halt = send(settings, members(3), pool=pool)  # the same pool: a fresh connection
+        pool.close()
+    assert halt is None and [r.ok for _, r in results] == [True] * 3
+    assert [m["X-RcptTo"] for m in server.messages][2:] == [f"user{i}@corp.example" for i in (1, 2, 3)]
+    assert all("MAIL FROM" not in m.get_content() for m in server.messages)
+    assert server.connections == 2
