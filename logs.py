@@ -18,6 +18,7 @@ import config
 
 # C0 and C1 controls and the Unicode line and paragraph separators: what a reader may take for a new line.
 _CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_JSON_UNESCAPED = re.compile(r"[\x7f-\x9f\u2028\u2029]")
 _NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -46,14 +47,14 @@ class MaskSecrets(logging.Filter):
 
 
 class _Rendering(logging.Formatter):
-    """What both formats share: the message and the traceback, each masked; the message on one line."""
+    """What both formats share: the message and the traceback, each masked."""
 
     def __init__(self, settings=None, fmt: str | None = None):
         super().__init__(fmt)
         self.settings = settings
 
     def message(self, record: logging.LogRecord) -> str:
-        return escape_controls(config.mask(record.getMessage(), self.settings))
+        return config.mask(record.getMessage(), self.settings)
 
     def details(self, record: logging.LogRecord) -> str:
         """The traceback and stack of the record, masked ('' when it has none)."""
@@ -74,7 +75,7 @@ class TextFormatter(_Rendering):
         super().__init__(settings, TEXT_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
-        record.message = self.message(record)
+        record.message = escape_controls(self.message(record))
         record.asctime = self.formatTime(record, self.datefmt)
         line = self.formatMessage(record)
         details = self.details(record)
@@ -92,9 +93,9 @@ class JsonFormatter(_Rendering):
         details = self.details(record)
         if details:
             entry["exc"] = details
-        # json escapes C0 controls; these three it leaves, and str.splitlines() would break the line at them.
-        text = json.dumps(entry, ensure_ascii=False)
-        return text.replace("\u2028", "\\u2028").replace("\u2029", "\\u2029").replace("\x85", "\\u0085")
+        # json escapes C0 controls but leaves DEL, C1 and U+2028/2029, at which str.splitlines() breaks a line
+        # (and a terminal may act on C1): they can only stand inside a string here, so \uXXXX is valid JSON.
+        return _JSON_UNESCAPED.sub(lambda m: f"\\u{ord(m.group(0)):04x}", json.dumps(entry, ensure_ascii=False))
 
 
 def setup(settings) -> None:
