@@ -126,8 +126,9 @@ def metrics_view():
     parts = services.of(current_app)
     token = parts.settings.metrics_token
     if token:
-        given = request.headers.get("Authorization", "")
-        if not hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {token}".encode("utf-8")):
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                                                 token.encode("utf-8")):
             response = _plain("metrics need Authorization: Bearer <METRICS_TOKEN>\n", 401)
             response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
             return response
