@@ -10,6 +10,7 @@ import ast
 import fnmatch
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -279,14 +280,26 @@ def compose_environment() -> dict[str, str]:
     return values
 
 
-def test_compose_publishes_on_loopback_only_and_its_environment_is_valid():
+def compose_service(text: str, name: str) -> str:
+    """The lines of one service of docker-compose.yml (two-space indented name, up to the next one)."""
+    match = re.search(rf"^  {name}:\n(.*?)(?=^  \S|^\S|\Z)", text, re.M | re.S)
+    assert match, f"docker-compose.yml has no service {name}"
+    return match.group(1)
+
+
+def test_compose_publishes_only_nginx_on_every_address_and_its_environment_is_valid():
     import config
 
     text = (ROOT / "docker-compose.yml").read_text(encoding="utf-8")
-    published = [line.strip() for line in text.splitlines() if line.strip().startswith('- "') and ":" in line]
-    assert published and all(p.startswith('- "127.0.0.1:') for p in published), published
+    published = [m.group(0) for m in re.finditer(r'- "(?:[0-9.]+:)?[0-9]+:[0-9]+"', text)]  # host:container
+    nginx = compose_service(text, "nginx")
+    public = [p for p in published if not p.startswith('- "127.0.0.1:')]
+    assert sorted(public) == ['- "443:443"', '- "80:80"'] and all(p in nginx for p in public), published
+    assert "./deploy/nginx.conf:/etc/nginx/conf.d/default.conf:ro" in nginx
+    web = compose_service(text, "web")
+    assert "ports:" not in web and '- "8000"' in web, "gunicorn must be reachable through nginx only"
     assert 'test: ["CMD", "healthcheck.sh", "--connect", "--innodb_initialized"]' in text
-    assert text.count("condition: service_healthy") == 3
+    assert text.count("condition: service_healthy") == 4
     assert 'command: ["flask", "--app", "app", "init-db", "--seed-templates"]' in text
     assert 'command: ["flask", "--app", "app", "worker"]' in text
     env = compose_environment()
@@ -294,6 +307,7 @@ def test_compose_publishes_on_loopback_only_and_its_environment_is_valid():
     assert (env["SMTP_HOST"], env["SMTP_PORT"], env["SMTP_SECURITY"]) == ("mailpit", "1025", "none")
     settings = config.from_env(base_env(**env))
     assert settings.smtp_port == 1025 and settings.mail_backend == "smtp"
+    assert settings.trusted_proxies == 1  # nginx in front
 
 
 # --- the install and start steps, for real ---------------------------------------------------------
