@@ -275,6 +275,8 @@ def compose_environment() -> dict[str, str]:
     for line in lines[start + 1:]:
         if not line.startswith("  "):
             break
+        if line.strip().startswith("#"):
+            continue
         name, _, value = line.strip().partition(": ")
         values[name] = value.strip().strip('"')
     return values
