@@ -206,7 +206,9 @@ def stages() -> list[Stage]:
 def test_the_image_is_multi_stage_and_runs_gunicorn_as_a_system_user(stages):
     build, final = stages[0], stages[-1]
     assert len(stages) >= 2 and build.name, "a named build stage, then the final one"
-    assert all(s.base.startswith("python:3.11-slim") for s in stages)
+    assert all(re.fullmatch(r"python:3\.11(\.[0-9]+)?-slim(-bookworm)?@sha256:[0-9a-f]{64}", s.base) for s in stages), \
+        "both stages on python 3.11 slim, pinned by digest"
+    assert len({s.base for s in stages}) == 1, "the build stage and the final one use the same base"
     users = final.all("USER")
     assert users and users[-1].args.split(":")[0] not in ("root", "0"), "the final stage must not run as root"
     assert any("/opt/venv" in i.args for i in final.all("COPY") if "--from=" + build.name in i.args)
@@ -263,7 +265,7 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_context():
     for path in (".env", ".venv/bin/python", "var/wecom-mailer.db", "tests/test_cli.py", ".git/HEAD",
                  "bench/run.py", "__pycache__/app.cpython-311.pyc"):
         assert ignored(path, patterns), f"{path} would be sent to the Docker build context"
-    for path in ("app.py", "requirements.txt", "gunicorn.conf.py", "templates/admin/base.html"):
+    for path in ("app.py", "requirements.txt", "requirements.lock", "gunicorn.conf.py", "templates/admin/base.html"):
         assert not ignored(path, patterns), f"{path} is needed in the image but .dockerignore drops it"
 
 
