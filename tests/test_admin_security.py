@@ -352,3 +352,24 @@ def test_the_state_database_keeps_the_failure_table_small_under_a_flood(make_app
     wrong_logins(client, 200)
     count, _ = session_store.login_failures_since(services.of(app).engine, 0)
     assert count == login_throttle.PER_CLIENT  # throttled attempts are refused before they are written
+
+
+def test_migration_0006_builds_the_tables_schema_py_declares(db_url):
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from store.schema import metadata
+
+    engine = db.make_engine(db_url)
+    migrate.upgrade(engine)
+    mine = {"wm_service_secrets", "wm_admin_sessions", "wm_login_failures"}
+    with engine.connect() as conn:
+        diffs = compare_metadata(MigrationContext.configure(conn), metadata)
+    ours = [d for d in diffs if mine & {getattr(part, "name", None) for part in _parts(d)}
+            or mine & {getattr(getattr(part, "table", None), "name", None) for part in _parts(d)}]
+    assert ours == []
+    engine.dispose()
+
+
+def _parts(diff):
+    return diff if isinstance(diff, (list, tuple)) else [diff]
