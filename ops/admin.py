@@ -123,9 +123,7 @@ def login():
     if wait is not None:
         metrics.admin_login_failed("throttled")
         log.warning("admin login refused from %s: too many failed logins, retry in %d s", client, wait)
-        response = current_app.make_response((render_template("admin/login.html", throttled=wait, **page), 429))
-        response.headers["Retry-After"] = str(wait)
-        return response
+        return render_template("admin/login.html", throttled=wait, **page), 429, {"Retry-After": str(wait)}
     if not _same(request.form.get("token", ""), _settings().admin_token):
         login_throttle.failed(engine, client)
         metrics.admin_login_failed("wrong_token")

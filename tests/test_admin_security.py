@@ -15,10 +15,12 @@ from urllib.parse import quote
 import pytest
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
+import config
 import services
 from ops import login_throttle, sessions
 from store import db, migrate
 from store import sessions as session_store
+from support import base_env
 
 TOKEN = "admin-token-for-security-tests-0123456789"
 TOO_BIG = str(2**63)  # one more than the largest BIGINT
@@ -67,6 +69,17 @@ def test_the_admin_token_cannot_be_guessed_from_a_cookie(admin_app):
         with pytest.raises(BadSignature):
             URLSafeTimedSerializer(TOKEN, salt=salt).loads(cookie)
     assert TOKEN not in cookie
+
+
+@pytest.mark.parametrize("length", [1, 10, 31])
+def test_a_short_admin_token_stops_start_up_with_how_to_make_one(length):
+    token = "Qz" * 20
+    with pytest.raises(config.ConfigError) as info:
+        config.from_env(base_env(ADMIN_TOKEN=token[:length]))
+    message = str(info.value)
+    assert message.startswith(f"ADMIN_TOKEN must be at least 32 characters (got {length})")
+    assert "python -c 'import secrets; print(secrets.token_urlsafe(32))'" in message and token[:length] not in message
+    assert config.from_env(base_env(ADMIN_TOKEN=token[:32])).admin_token == token[:32]
 
 
 def test_secret_key_signs_the_sessions_and_a_new_key_ends_them(make_app, tmp_path):
