@@ -1,14 +1,19 @@
 # wecom-mailer image: a build stage makes the virtual environment, the final stage runs it as a system user.
 # tests/test_dockerfile.py runs these steps for real in a fresh virtual environment (no Docker needed).
 
-FROM python:3.11-slim AS build
+# The base image is pinned by digest (both stages): python 3.11.13 slim on Debian 12, the multi-platform index
+# digest Docker Hub published for python:3.11.13-slim-bookworm. Not pulled from here (no registry access):
+# check and refresh it with `docker buildx imagetools inspect python:3.11-slim-bookworm` (the Digest line).
+FROM python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1 AS build
 WORKDIR /build
-COPY requirements.txt ./
-# Every runtime dependency ships a manylinux wheel: no compiler in this stage either.
+COPY requirements.lock ./
+# requirements.lock is requirements.txt with the sha256 of every file (`make lock`): pip refuses anything
+# else. Every runtime dependency ships a wheel: no compiler in this stage, and no setup.py runs.
 RUN python -m venv /opt/venv \
- && /opt/venv/bin/pip install --disable-pip-version-check -r requirements.txt
+ && /opt/venv/bin/pip install --disable-pip-version-check --require-hashes --only-binary :all: \
+    -r requirements.lock
 
-FROM python:3.11-slim
+FROM python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1
 # A system user with no login shell and no home: the only place it may write is /app/var
 # (the default SQLite state and MAIL_FILE_DIR) and the metrics directory under /tmp.
 RUN groupadd --system wecom \

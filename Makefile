@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test serve worker bench check clean
+.PHONY: demo test serve worker bench check lock clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "wecom-mailer needs Python 3.11 or newer: run make PYTHON=python3.11 …")'
@@ -40,6 +40,12 @@ check: $(VENV)/.runtime  ## try every dependency with the current configuration
 
 bench: $(VENV)/.dev $(VENV)/.devtools  ## print the benchmark table (see bench/README.md)
 	$(BIN)/python bench/run.py
+
+# requirements.lock: requirements.txt with the sha256 of every file, for the image's `pip install --require-hashes`.
+# Run after any change to requirements.txt (tests/test_requirements_lock.py fails until then).
+lock: $(VENV)/.dev  ## regenerate requirements.lock from requirements.txt
+	$(BIN)/pip-compile --generate-hashes --strip-extras --no-emit-index-url --no-emit-find-links --quiet \
+		--output-file requirements.lock requirements.txt
 
 clean:
 	rm -rf $(VENV) var .pytest_cache *.egg-info

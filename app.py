@@ -1,6 +1,7 @@
 """The Flask app: create_app() builds the parts once; routes for the WeCom callback, health, readiness, metrics."""
 from __future__ import annotations
 
+import hmac
 import logging
 import sys
 import time
@@ -8,6 +9,7 @@ from typing import Mapping
 
 from flask import Flask, Response, current_app, request
 from sqlalchemy.exc import DBAPIError
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 import config
 import logs
@@ -37,6 +39,11 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
         raise SystemExit(4) from None
     logs.setup(settings)
     app = Flask(__name__)
+    if settings.trusted_proxies:
+        # The client address and scheme as the last TRUSTED_PROXIES proxies report them; without
+        # proxies, X-Forwarded-* headers are the client's own words and are ignored.
+        n = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=0, x_port=0, x_prefix=0)
     parts = services.build(settings)
     app.extensions[services.EXTENSION] = parts
     try:
@@ -116,7 +123,16 @@ def _read_body(limit: int) -> bytes:
 
 
 def metrics_view():
-    body, content_type = metrics.exposition(services.of(current_app).engine)
+    parts = services.of(current_app)
+    token = parts.settings.metrics_token
+    if token:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode("utf-8", "replace"),
+                                                                 token.encode("utf-8")):
+            response = _plain("metrics need Authorization: Bearer <METRICS_TOKEN>\n", 401)
+            response.headers["WWW-Authenticate"] = 'Bearer realm="metrics"'
+            return response
+    body, content_type = metrics.exposition(parts.engine)
     return Response(body, mimetype=content_type.split(";")[0], content_type=content_type)
 
 

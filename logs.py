@@ -1,16 +1,38 @@
-"""Logging: one line per record, text or JSON, with every configured secret masked."""
+"""Logging: one line per record, text or JSON, with every configured secret masked and no line forged.
+
+Values in a record come from outside (a WeCom UserID, an uploaded file name, an SMTP server's reply):
+control characters in the message are escaped (a line break becomes the two characters \\n), so that a
+record is one line and never starts another. In text format the traceback of a record follows it on
+lines that begin with four spaces; with LOG_FORMAT=json each record, traceback included, is one line.
+Secrets are masked in the whole output, tracebacks included.
+"""
 from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 
 import config
 
+# C0 and C1 controls and the Unicode line and paragraph separators: what a reader may take for a new line.
+_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_JSON_UNESCAPED = re.compile(r"[\x7f-\x9f\u2028\u2029]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def escape_controls(text: str) -> str:
+    """`text` with every control character written out (\\n, \\r, \\t, \\x1b, \\u2028, …)."""
+    def written(match: re.Match) -> str:
+        char = match.group(0)
+        return _NAMED.get(char) or (f"\\x{ord(char):02x}" if ord(char) < 0x100 else f"\\u{ord(char):04x}")
+    return _CONTROLS.sub(written, text)
+
 
 class MaskSecrets(logging.Filter):
-    """Replace secret values in the rendered message: a last line of defence, not the first."""
+    """Replace secret values in the rendered message, for every handler that sees the record after ours."""
 
     def __init__(self, settings):
         super().__init__()
@@ -24,13 +46,56 @@ class MaskSecrets(logging.Filter):
         return True
 
 
-class JsonFormatter(logging.Formatter):
+class _Rendering(logging.Formatter):
+    """What both formats share: the message and the traceback, each masked."""
+
+    def __init__(self, settings=None, fmt: str | None = None):
+        super().__init__(fmt)
+        self.settings = settings
+
+    def message(self, record: logging.LogRecord) -> str:
+        return config.mask(record.getMessage(), self.settings)
+
+    def details(self, record: logging.LogRecord) -> str:
+        """The traceback and stack of the record, masked ('' when it has none)."""
+        parts = []
+        if record.exc_info:
+            parts.append(self.formatException(record.exc_info))
+        elif record.exc_text:
+            parts.append(record.exc_text)
+        if record.stack_info:
+            parts.append(self.formatStack(record.stack_info))
+        return config.mask("\n".join(parts), self.settings)
+
+
+class TextFormatter(_Rendering):
+    """`time LEVEL logger: message`, then the traceback indented by four spaces."""
+
+    def __init__(self, settings=None):
+        super().__init__(settings, TEXT_FORMAT)
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.message = escape_controls(self.message(record))
+        record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        details = self.details(record)
+        if details:
+            line += "".join("\n    " + escape_controls(part) for part in details.split("\n"))
+        return line
+
+
+class JsonFormatter(_Rendering):
+    """One JSON object per line: time, level, logger, message, and `exc` with the traceback."""
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + "Z",
-                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+                 "level": record.levelname, "logger": record.name, "message": self.message(record)}
+        details = self.details(record)
+        if details:
+            entry["exc"] = details
+        # json escapes C0 controls but leaves DEL, C1 and U+2028/2029, at which str.splitlines() breaks a line
+        # (and a terminal may act on C1): they can only stand inside a string here, so \uXXXX is valid JSON.
+        return _JSON_UNESCAPED.sub(lambda m: f"\\u{ord(m.group(0)):04x}", json.dumps(entry, ensure_ascii=False))
 
 
 def setup(settings) -> None:
@@ -42,10 +107,7 @@ def setup(settings) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler._wecom_mailer = True
     handler.addFilter(MaskSecrets(settings))
-    if settings.log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(JsonFormatter(settings) if settings.log_format == "json" else TextFormatter(settings))
     root.addHandler(handler)
     root.setLevel(settings.log_level)
     # urllib3 logs full request URLs at DEBUG, access tokens included.

@@ -90,8 +90,11 @@ class Unsendable(Exception):
 
 
 def header_text(text: str) -> str:
-    """`text` with control characters (CR, LF, …) turned into spaces, so it cannot start a header."""
-    return CONTROL_CHARS.sub(" ", text).strip()
+    """`text` for a header: control characters (CR, LF, …) turned into spaces, so it cannot start a header,
+    and each `=?` written `= ?`, so that nothing in it reads as an RFC 2047 encoded-word. Mail clients (and
+    the email package, on assignment) decode one anywhere in a header: a member named
+    `=?utf-8?b?Q0VPIDxjZW9AY29ycC5leGFtcGxlPg==?=` would be shown as `CEO <ceo@corp.example>`."""
+    return CONTROL_CHARS.sub(" ", text).strip().replace("=?", "= ?")
 
 
 def address_problem(address: str) -> str | None:

@@ -10,23 +10,21 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from flask import Blueprint, abort, current_app, g, redirect, render_template, request, url_for
-from itsdangerous import BadSignature, URLSafeTimedSerializer
 from sqlalchemy.exc import DBAPIError
 
 import config
 import services
 import templates_repo
 import wecom
-from ops import report
+from ops import login_throttle, metrics, report, sessions
 from store import addressbook, outbox
 from store.schema import DELIVERY_OPEN, DELIVERY_STATUSES, EVENT_STATUSES
 
 log = logging.getLogger("wecom_mailer.admin")
 bp = Blueprint("admin", __name__, url_prefix="/admin")  # pages: templates/admin/ beside app.py
 
-COOKIE = "wecom_mailer_admin"
-SESSION_SECONDS = 12 * 3600
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
+MAX_ID = 2**63 - 1  # ids are BIGINT; a larger number in a URL is a 404, not an overflow in the driver
 LABELS = {"pending": "待处理", "sending": "发送中", "done": "完成", "failed": "失败", "skipped": "跳过",
           "ignored": "忽略", "retry": "待重试", "sent": "已发送"}
 SAMPLE = {"userid": "zhangsan", "name": "张三", "create_time": 1700000000}  # 2023-11-15 06:13:20 Asia/Shanghai
@@ -35,42 +33,21 @@ REFRESH_WITHIN_SECONDS = 60  # the event page refreshes itself while something i
 
 def init_app(app) -> None:
     """Mount /admin only when ADMIN_TOKEN is set: otherwise every /admin URL is a plain 404."""
-    token = services.of(app).settings.admin_token
-    if token:
-        # itsdangerous derives the signing key from it and the salt, so a new token ends every session.
-        app.secret_key = token
+    if services.of(app).settings.admin_token:
         app.register_blueprint(bp)
 
 
-# --- login cookie and CSRF -------------------------------------------------------------------
-
-def _serializer() -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(current_app.secret_key, salt="wecom-mailer-admin-session")
-
-
-def _load_session() -> dict | None:
-    raw = request.cookies.get(COOKIE)
-    if not raw:
-        return None
-    try:
-        data = _serializer().loads(raw, max_age=SESSION_SECONDS)
-    except BadSignature:  # forged, from another token, or older than SESSION_SECONDS
-        return None
-    return data if isinstance(data, dict) and isinstance(data.get("csrf"), str) else None
-
-
-def _is_https() -> bool:
-    forwarded = request.headers.get("X-Forwarded-Proto", "").split(",")[0].strip().lower()
-    return request.is_secure or forwarded == "https"
-
+# --- login, sessions and CSRF ----------------------------------------------------------------
 
 def _same(given: str, expected: str) -> bool:
-    return hmac.compare_digest(given.encode("utf-8"), expected.encode("utf-8"))
+    return hmac.compare_digest(given.encode("utf-8", "replace"), expected.encode("utf-8"))
 
 
 def _safe_next(target: str | None) -> str | None:
-    """Only a path inside /admin: never an open redirect."""
-    if not target or target.startswith("//") or "\\" in target:
+    """Only a path inside /admin, in printable ASCII: never an open redirect, never a header break."""
+    if not target or len(target) > 2048 or not target.isascii() or not target.isprintable():
+        return None
+    if target.startswith("//") or "\\" in target:
         return None
     parts = urlsplit(target)
     if parts.scheme or parts.netloc or not (parts.path == "/admin" or parts.path.startswith("/admin/")):
@@ -78,17 +55,22 @@ def _safe_next(target: str | None) -> str | None:
     return target
 
 
+def _client() -> str:
+    """The client address failures are counted under (behind TRUSTED_PROXIES: the one they report)."""
+    return login_throttle.client_key(request.remote_addr)
+
+
 @bp.before_request
 def require_login():
-    """Every page but the login form needs the cookie; every POST needs the session's CSRF token."""
+    """Every page but the login form needs a live session; every POST needs the session's CSRF token."""
     request.max_content_length = MAX_UPLOAD_BYTES
-    g.admin_session = _load_session()
+    g.admin_session = sessions.current()
     if request.endpoint == "admin.login":
         return None
     if g.admin_session is None:
-        wanted = request.full_path.rstrip("?") if request.method == "GET" else None
+        wanted = _safe_next(request.full_path.rstrip("?")) if request.method == "GET" else None
         return redirect(url_for("admin.login", next=wanted))
-    if request.method == "POST" and not _same(request.form.get("csrf_token", ""), g.admin_session["csrf"]):
+    if request.method == "POST" and not _same(request.form.get("csrf_token", ""), g.admin_session.csrf):
         abort(400, "missing or wrong CSRF token: reload the page and try again")
     return None
 
@@ -114,7 +96,7 @@ def database_unavailable(exc):
 
 @bp.context_processor
 def helpers():
-    return {"csrf_token": g.admin_session["csrf"] if g.get("admin_session") else "",
+    return {"csrf_token": g.admin_session.csrf if g.get("admin_session") else "",
             "signed_in": bool(g.get("admin_session")), "when": _when, "label": _label,
             "timezone": _settings().timezone}
 
@@ -129,27 +111,46 @@ def _label(status: str | None) -> str:
 
 @bp.route("/login", methods=["GET", "POST"])
 def login():
-    """The token form; a right token sets the signed session cookie."""
+    """The token form; a right token opens a session. Failures are throttled per address and over all."""
     next_url = _safe_next(request.values.get("next"))
+    page = {"next": next_url, "insecure": sessions.cookie_would_be_lost()}
     if request.method == "GET":
         if g.admin_session is not None:
             return redirect(next_url or url_for("admin.events"))
-        return render_template("admin/login.html", next=next_url)
+        return render_template("admin/login.html", **page)
+    client, engine = _client(), _engine()
+    wait = login_throttle.retry_after(engine, client)
+    if wait is not None:
+        metrics.admin_login_failed("throttled")
+        log.warning("admin login refused from %s: too many failed logins, retry in %d s", client, wait)
+        return render_template("admin/login.html", throttled=wait, **page), 429, {"Retry-After": str(wait)}
     if not _same(request.form.get("token", ""), _settings().admin_token):
-        log.warning("admin login refused from %s: wrong token", request.remote_addr)
-        return render_template("admin/login.html", next=next_url, error=True), 403
+        login_throttle.failed(engine, client)
+        metrics.admin_login_failed("wrong_token")
+        log.warning("admin login refused from %s: wrong token", client)
+        return render_template("admin/login.html", error=True, **page), 403
+    login_throttle.succeeded(engine, client)
     response = redirect(next_url or url_for("admin.events"))
-    response.set_cookie(COOKIE, _serializer().dumps({"csrf": secrets.token_urlsafe(32)}),
-                        max_age=SESSION_SECONDS, path="/admin", secure=_is_https(), httponly=True,
-                        samesite="Strict")
-    log.info("admin login from %s", request.remote_addr)
+    sessions.start(response, client, csrf=secrets.token_urlsafe(32))
+    log.info("admin login from %s", client)
     return response
 
 
 @bp.post("/logout")
 def logout():
+    """End this browser's session: the cookie is refused from now on, wherever a copy of it is."""
     response = redirect(url_for("admin.login"))
-    response.delete_cookie(COOKIE, path="/admin", secure=_is_https(), httponly=True, samesite="Strict")
+    sessions.end(response, g.admin_session)
+    log.info("admin logout from %s", _client())
+    return response
+
+
+@bp.post("/logout-everywhere")
+def logout_everywhere():
+    """End every admin session, in every browser (after a lost laptop, or a token that leaked)."""
+    response = redirect(url_for("admin.login"))
+    ended = sessions.end(response, g.admin_session, everywhere=True)
+    log.warning("admin logged out everywhere from %s: %d session(s) ended", _client(), ended)
     return response
 
 
@@ -180,7 +181,7 @@ def events():
                            event_statuses=EVENT_STATUSES, delivery_statuses=DELIVERY_STATUSES)
 
 
-@bp.get("/events/<int:event_id>")
+@bp.get(f"/events/<int(max={MAX_ID}):event_id>")
 def event(event_id: int):
     """One event: its state, the message it sends, and each delivery with reason and schedule."""
     row = report.event_detail(_engine(), event_id)
@@ -206,7 +207,7 @@ def _requeued() -> tuple[int, int] | None:
     return None if deliveries is None else (events_ or 0, deliveries)
 
 
-@bp.post("/events/<int:event_id>/retry")
+@bp.post(f"/events/<int(max={MAX_ID}):event_id>/retry")
 def retry_event(event_id: int):
     """Requeue this event's failed deliveries (or the event itself, if it failed before any)."""
     n_events, n_deliveries = outbox.requeue(_engine(), event_id)

@@ -120,6 +120,8 @@ def check() -> None:
     results = checks.run_all(_services())
     for ok, line in results:
         click.echo(("✓ " if ok else "✗ ") + line)
+    for line in checks.config_warnings(_services().settings):  # works, but exposes something: not a failure
+        click.echo("⚠ " + line)
     if not all(ok for ok, _ in results):
         sys.exit(1)
 

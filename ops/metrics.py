@@ -1,8 +1,14 @@
-"""Prometheus metrics: counters per process (multiprocess mode under gunicorn), outbox gauges read at scrape time."""
+"""Prometheus metrics: counters per process (multiprocess mode under gunicorn), outbox gauges from the database.
+
+The outbox gauges cost three aggregate queries; each process runs them at most once per GAUGE_SECONDS and
+answers the scrapes in between from that reading, so a scrape (or a flood of them) is cheap.
+"""
 from __future__ import annotations
 
 import os
+import threading
 import time
+import weakref
 
 import sqlalchemy as sa
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -23,6 +29,8 @@ SENT_TODAY = Gauge("wecom_mailer_smtp_sent_today",
                    multiprocess_mode="mostrecent")
 THROTTLE_PAUSES = Counter("wecom_mailer_smtp_throttle_pauses_total",
                           "Sending rounds stopped because the SMTP server kept refusing (throttling)")
+ADMIN_LOGIN_FAILURES = Counter("wecom_mailer_admin_login_failures_total",
+                               "Refused /admin logins, by reason (wrong_token, throttled)", ["reason"])
 WECOM_CALLS = Counter("wecom_mailer_wecom_api_calls_total", "WeCom API calls by API and errcode",
                       ["api", "errcode"])
 
@@ -56,26 +64,27 @@ def callback(outcome: str, reason: str, seconds: float) -> None:
     ACK_SECONDS.observe(seconds)
 
 
+def admin_login_failed(reason: str) -> None:
+    ADMIN_LOGIN_FAILURES.labels(reason).inc()
+
+
+GAUGE_SECONDS = 15.0  # how long one reading of the outbox serves the scrapes of this process
+
+
 class OutboxCollector:
     """Events and deliveries by status, queue depth and the age of the oldest open delivery."""
 
-    def __init__(self, engine):
-        self.engine = engine
+    def __init__(self, reading: "OutboxReading"):
+        self.reading = reading
 
     def collect(self):
         up = GaugeMetricFamily("wecom_mailer_state_database_up", "1 when the state database answered the scrape")
-        try:
-            with self.engine.connect() as conn:
-                by_event = conn.execute(sa.select(events.c.status, sa.func.count())
-                                      .group_by(events.c.status)).all()
-                by_delivery = conn.execute(sa.select(deliveries.c.status, sa.func.count())
-                                          .group_by(deliveries.c.status)).all()
-                oldest = conn.execute(sa.select(sa.func.min(events.c.received_at))
-                                      .where(events.c.status.in_(EVENT_OPEN))).scalar()
-        except DBAPIError:
+        counts = self.reading.get()
+        if counts is None:
             up.add_metric([], 0)
             yield up
             return
+        by_event, by_delivery, oldest = counts
         up.add_metric([], 1)
         yield up
         for name, rows in (("events", by_event), ("deliveries", by_delivery)):
@@ -89,6 +98,50 @@ class OutboxCollector:
         yield GaugeMetricFamily("wecom_mailer_oldest_open_event_seconds",
                                 "Age of the oldest event not yet finished (0 when none)",
                                 value=time.time() - oldest if oldest else 0)
+
+
+class OutboxReading:
+    """The outbox counts of one engine, read from the database at most once per GAUGE_SECONDS."""
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._lock = threading.Lock()
+        self._read_at = float("-inf")
+        self._counts = None
+
+    def get(self):
+        """(events by status, deliveries by status, oldest open event's received_at), or None: database down."""
+        with self._lock:  # one query at a time per process, however many scrapes arrive together
+            if time.monotonic() - self._read_at >= GAUGE_SECONDS:
+                self._counts = self._query()
+                # A failed reading is not kept: the next scrape asks again.
+                self._read_at = time.monotonic() if self._counts is not None else float("-inf")
+            return self._counts
+
+    def _query(self):
+        try:
+            with self.engine.connect() as conn:
+                by_event = conn.execute(sa.select(events.c.status, sa.func.count())
+                                        .group_by(events.c.status)).all()
+                by_delivery = conn.execute(sa.select(deliveries.c.status, sa.func.count())
+                                           .group_by(deliveries.c.status)).all()
+                oldest = conn.execute(sa.select(sa.func.min(events.c.received_at))
+                                      .where(events.c.status.in_(EVENT_OPEN))).scalar()
+        except DBAPIError:
+            return None
+        return by_event, by_delivery, oldest
+
+
+_readings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_readings_lock = threading.Lock()
+
+
+def _reading(engine) -> OutboxReading:
+    with _readings_lock:
+        reading = _readings.get(engine)
+        if reading is None:
+            reading = _readings[engine] = OutboxReading(engine)
+        return reading
 
 
 def exposition(engine) -> tuple[bytes, str]:
@@ -109,5 +162,5 @@ def exposition(engine) -> tuple[bytes, str]:
 
 def _outbox_registry(engine) -> CollectorRegistry:
     registry = CollectorRegistry()
-    registry.register(OutboxCollector(engine))
+    registry.register(OutboxCollector(_reading(engine)))
     return registry

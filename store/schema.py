@@ -90,6 +90,33 @@ access_tokens = Table(
 )
 
 
+# /admin (ops/sessions.py, ops/login_throttle.py). The secret that signs admin cookies when SECRET_KEY is unset:
+# generated once, shared by every process through this table.
+service_secrets = Table(
+    "wm_service_secrets", metadata,
+    Column("name", String(64), primary_key=True),
+    Column("value", String(128), nullable=False),
+    Column("created_at", Double, nullable=False),
+)
+
+admin_sessions = Table(
+    "wm_admin_sessions", metadata,
+    Column("digest", String(64), primary_key=True),  # sha256 of the session id in the cookie, never the id itself
+    Column("client", String(64), nullable=False, default=""),
+    Column("created_at", Double, nullable=False),
+    Column("expires_at", Double, nullable=False),
+    Index("ix_wm_admin_sessions_expires", "expires_at"),
+)
+
+login_failures = Table(
+    "wm_login_failures", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("client", String(64), nullable=False),  # the client address (an IPv6 address by its /64)
+    Column("failed_at", Double, nullable=False),
+    Index("ix_wm_login_failures_client", "client", "failed_at"),
+    Index("ix_wm_login_failures_at", "failed_at"),
+)
+
 def template_table(name: str) -> Table:
     """The original flow's template table (TEMPLATE_TABLE): only the columns it uses; an existing one may have more.
 

@@ -10,6 +10,7 @@ import ast
 import fnmatch
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -204,7 +205,9 @@ def stages() -> list[Stage]:
 def test_the_image_is_multi_stage_and_runs_gunicorn_as_a_system_user(stages):
     build, final = stages[0], stages[-1]
     assert len(stages) >= 2 and build.name, "a named build stage, then the final one"
-    assert all(s.base.startswith("python:3.11-slim") for s in stages)
+    assert all(re.fullmatch(r"python:3\.11(\.[0-9]+)?-slim(-bookworm)?@sha256:[0-9a-f]{64}", s.base) for s in stages), \
+        "both stages on python 3.11 slim, pinned by digest"
+    assert len({s.base for s in stages}) == 1, "the build stage and the final one use the same base"
     users = final.all("USER")
     assert users and users[-1].args.split(":")[0] not in ("root", "0"), "the final stage must not run as root"
     assert any("/opt/venv" in i.args for i in final.all("COPY") if "--from=" + build.name in i.args)
@@ -261,7 +264,7 @@ def test_dockerignore_keeps_secrets_and_local_state_out_of_the_context():
     for path in (".env", ".venv/bin/python", "var/wecom-mailer.db", "tests/test_cli.py", ".git/HEAD",
                  "bench/run.py", "__pycache__/app.cpython-311.pyc"):
         assert ignored(path, patterns), f"{path} would be sent to the Docker build context"
-    for path in ("app.py", "requirements.txt", "gunicorn.conf.py", "templates/admin/base.html"):
+    for path in ("app.py", "requirements.txt", "requirements.lock", "gunicorn.conf.py", "templates/admin/base.html"):
         assert not ignored(path, patterns), f"{path} is needed in the image but .dockerignore drops it"
 
 
@@ -273,19 +276,33 @@ def compose_environment() -> dict[str, str]:
     for line in lines[start + 1:]:
         if not line.startswith("  "):
             break
+        if line.strip().startswith("#"):
+            continue
         name, _, value = line.strip().partition(": ")
         values[name] = value.strip().strip('"')
     return values
 
 
-def test_compose_publishes_on_loopback_only_and_its_environment_is_valid():
+def compose_service(text: str, name: str) -> str:
+    """The lines of one service of docker-compose.yml (two-space indented name, up to the next one)."""
+    match = re.search(rf"^  {name}:\n(.*?)(?=^  \S|^\S|\Z)", text, re.M | re.S)
+    assert match, f"docker-compose.yml has no service {name}"
+    return match.group(1)
+
+
+def test_compose_publishes_only_nginx_on_every_address_and_its_environment_is_valid():
     import config
 
     text = (ROOT / "docker-compose.yml").read_text(encoding="utf-8")
-    published = [line.strip() for line in text.splitlines() if line.strip().startswith('- "') and ":" in line]
-    assert published and all(p.startswith('- "127.0.0.1:') for p in published), published
+    published = [m.group(0) for m in re.finditer(r'- "(?:[0-9.]+:)?[0-9]+:[0-9]+"', text)]  # host:container
+    nginx = compose_service(text, "nginx")
+    public = [p for p in published if not p.startswith('- "127.0.0.1:')]
+    assert sorted(public) == ['- "443:443"', '- "80:80"'] and all(p in nginx for p in public), published
+    assert "./deploy/nginx.conf:/etc/nginx/conf.d/default.conf:ro" in nginx
+    web = compose_service(text, "web")
+    assert "ports:" not in web and '- "8000"' in web, "gunicorn must be reachable through nginx only"
     assert 'test: ["CMD", "healthcheck.sh", "--connect", "--innodb_initialized"]' in text
-    assert text.count("condition: service_healthy") == 3
+    assert text.count("condition: service_healthy") == 4
     assert 'command: ["flask", "--app", "app", "init-db", "--seed-templates"]' in text
     assert 'command: ["flask", "--app", "app", "worker"]' in text
     env = compose_environment()
@@ -293,6 +310,7 @@ def test_compose_publishes_on_loopback_only_and_its_environment_is_valid():
     assert (env["SMTP_HOST"], env["SMTP_PORT"], env["SMTP_SECURITY"]) == ("mailpit", "1025", "none")
     settings = config.from_env(base_env(**env))
     assert settings.smtp_port == 1025 and settings.mail_backend == "smtp"
+    assert settings.trusted_proxies == 1  # nginx in front
 
 
 # --- the install and start steps, for real ---------------------------------------------------------

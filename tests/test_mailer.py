@@ -405,9 +405,10 @@ def test_console_backend_prints_headers_and_decoded_body(capsys):
 
 
 def test_a_subject_the_email_package_cannot_encode_fails_those_messages_not_the_round(sink):
-    # Python's header encoder raises UnicodeEncodeError on non-ASCII text beside an encoded-word
-    # with an undecodable charset; that must be a recorded failure, never an exception out of send_all.
-    odd = Outgoing(1, "a@corp.example", "张三", "é =?x?q?=FF?=", "正文")
+    # Python's header encoder raises UnicodeEncodeError on non-ASCII text beside a lone surrogate (and did
+    # beside an encoded-word with an undecodable charset, before header_text broke every `=?`); that must
+    # be a recorded failure, never an exception out of send_all.
+    odd = Outgoing(1, "a@corp.example", "张三", "é \udcff", "正文")
     fine = Outgoing(2, "b@corp.example", "李四", "新增成员", "正文")
     results = send(smtp_settings(sink.port), [odd, fine])
     assert [(i.delivery_id, r.ok, r.permanent) for i, r in results] == [(1, False, True), (2, True, False)]
