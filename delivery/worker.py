@@ -14,6 +14,7 @@ import wecom
 from delivery import backoff
 from delivery.expand import expand
 from delivery.lease import LeaseKeeper
+from delivery.reconcile import Reconciler
 from delivery.sending import send_event
 from store import outbox
 from store.db import StateUnavailable
@@ -28,7 +29,7 @@ SNAPSHOT_RETRY_SECONDS = 60.0
 class Worker:
     """One delivery loop; owns its lease identity. Run it in a thread (web) or alone (`flask worker`)."""
 
-    def __init__(self, settings, engine, template_engine, client, metrics=None):
+    def __init__(self, settings, engine, template_engine, client, metrics=None, reconcile_client=None):
         self.settings = settings
         self.engine = engine
         self.template_engine = template_engine
@@ -40,6 +41,9 @@ class Worker:
         self.lease: LeaseKeeper | None = None  # the lease on the event in hand
         self.thread: threading.Thread | None = None  # set by start()
         self._snapshots_due = 0.0
+        # Its own WeCom client: a round runs in a thread of its own, beside this loop's listings.
+        self.reconciler = Reconciler(settings, engine, reconcile_client or client, self.owner, metrics,
+                                     stop=self.stop, on_announced=self.wakeup.set)
 
     # -- loop ----------------------------------------------------------------------------------
 
@@ -55,6 +59,7 @@ class Worker:
         self.wakeup.set()
         if self.thread is not None:
             self.thread.join(timeout=self.settings.smtp_timeout + 5)
+        self.reconciler.join(timeout=5)  # a round in a slow WeCom call is not waited out: its lease ends by itself
 
     def run(self) -> None:
         """Work until `stop` is set; a failure of one round is logged, never fatal."""
@@ -63,6 +68,7 @@ class Worker:
             try:
                 ensure_schema(self.engine)  # a worker started before its database creates the tables
                 self.ensure_snapshots()
+                self.reconciler.tick()  # starts a reconciliation round in its own thread when one is due
                 busy = self.run_once()
             except (DBAPIError, StateUnavailable) as exc:
                 reason = exc.orig.__class__.__name__ if isinstance(exc, DBAPIError) else str(exc)
@@ -73,7 +79,7 @@ class Worker:
                 log.exception("delivery round failed; continuing")
                 busy = False
             if not busy:
-                self.wakeup.wait(POLL_SECONDS)
+                self.wakeup.wait(min(POLL_SECONDS, self.reconciler.due_in()))
                 self.wakeup.clear()
         log.info("delivery worker %s stopped", self.owner)
 
