@@ -141,15 +141,17 @@ def _compare_department(settings, engine, client, department_id: int, report: Ro
     except wecom.WeComError as exc:
         return _skip(report, department_id, "listing", f"listing failed: {exc}")
     listing = {member.userid: member for member in members}
-    if membership.department_state(engine, department_id) is None:
+    state = membership.department_state(engine, department_id)
+    if state is None or bool(state.fetch_child) != settings.fetch_child:
         if not listing:
-            return _skip(report, department_id, "empty", "the listing is empty; the department is seeded by its first "
-                                                 "non-empty listing")
-        membership.seed(engine, department_id, members, report.round, now)
+            return _skip(report, department_id, "empty", "the listing is empty; the department is seeded by its "
+                                                          "first non-empty listing")
+        membership.seed(engine, department_id, members, report.round, now, settings.fetch_child)
         report.seeded.append(department_id)
         report.listed[department_id] = len(listing)
-        log.info("reconciliation: department %s seeded with its %d member(s) (nobody is announced for it)",
-                 department_id, len(listing))
+        log.info("reconciliation: department %s seeded with its %d member(s)%s (nobody is announced for it)",
+                 department_id, len(listing), "" if state is None else
+                 f" again: WECOM_FETCH_CHILD is now {str(settings.fetch_child).lower()}")
         return None
     joined = membership.joined_members(engine, department_id)
     if not listing and joined:

@@ -69,23 +69,26 @@ def rows_of(engine: Engine, userid: str) -> dict[int, object]:
 
 # --- seeding and observing (reconciliation's own listings) ---------------------------------------
 
-def seed(engine: Engine, department_id: int, members, round_no: int, now: float) -> None:
-    """The department's first listing becomes its announced membership (nobody is mailed for it)."""
+def seed(engine: Engine, department_id: int, members, round_no: int, now: float, fetch_child: bool) -> None:
+    """A listing becomes the department's announced membership (nobody is mailed for it): at its first
+    listing, and again when WECOM_FETCH_CHILD changed what a listing covers. What callbacks announced
+    stays as they announced it."""
     rows = [{"department_id": department_id, "userid": m.userid[:64], "state": "joined", "name": m.name[:255],
              "announced_by": "seed", "announced_at": now, "changed_at": now, "event_id": None}
             for m in {m.userid: m for m in members}.values()]
+    state = {"department_id": department_id, "seeded_at": now, "last_round": round_no, "listed_at": now,
+             "member_count": len(rows), "fetch_child": int(fetch_child)}
 
     def write():
         with engine.begin() as conn:
-            conn.execute(membership.delete().where(membership.c.department_id == department_id))
+            conn.execute(membership.delete().where(membership.c.department_id == department_id,
+                                                   membership.c.announced_by != "callback"))
             conn.execute(observations.delete().where(observations.c.department_id == department_id))
             for start in range(0, len(rows), 1000):
-                conn.execute(membership.insert(), rows[start:start + 1000])
+                conn.execute(insert_ignore(membership), rows[start:start + 1000])
             conn.execute(reconciled_departments.delete()
                          .where(reconciled_departments.c.department_id == department_id))
-            conn.execute(reconciled_departments.insert(), {
-                "department_id": department_id, "seeded_at": now, "last_round": round_no, "listed_at": now,
-                "member_count": len(rows)})
+            conn.execute(reconciled_departments.insert(), state)
     with_retries(write)
 
 

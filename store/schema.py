@@ -114,6 +114,7 @@ reconciled_departments = Table(
     Column("last_round", BigInteger, nullable=False),
     Column("listed_at", Double, nullable=False),
     Column("member_count", Integer, nullable=False, default=0),
+    Column("fetch_child", Integer, nullable=False, default=0),  # WECOM_FETCH_CHILD of the seed: a change re-seeds
 )
 
 # Named leases for work that one process does per interval (reconciliation): taken by compare-and-set.

@@ -330,6 +330,35 @@ def test_a_join_while_the_service_was_down_is_announced_after_the_restart(servic
     assert mails_about(smtp_sink, "wangwu") == dict.fromkeys(addresses(*FIVE, "wangwu"), 1)
 
 
+def test_changing_wecom_fetch_child_seeds_again_instead_of_announcing_the_sub_departments(service, standin,
+                                                                                          smtp_sink):
+    standin.children = {DEPARTMENT: [21]}
+    standin.set_members(21, [dict(m, department=[21]) for m in make_members(3, 21, prefix="sub")])
+    Rounds(service).run()  # department 2 alone
+    rounds = Rounds(service, fetch_child=True)  # restarted with WECOM_FETCH_CHILD=true: 2 and 21
+    rounds.now += 3600
+    assert rounds.run().seeded == [DEPARTMENT]
+    for _ in range(3):
+        assert rounds.run().announced == []
+    assert smtp_sink.messages == []
+    assert len(membership.joined_members(service.engine, DEPARTMENT)) == 8
+
+
+def test_a_join_a_callback_announced_before_the_first_round_is_not_announced_again(service, standin, smtp_sink,
+                                                                                   crypto):
+    standin.set_members(DEPARTMENT, make_members(5, DEPARTMENT) + [NEWCOMER])
+    callback(service, crypto, "create_user", "wangwu", name="王五")
+    service.drain()
+    assert len(smtp_sink.messages) == 6
+    standin.set_members(DEPARTMENT, make_members(5, DEPARTMENT))  # the first listing lags behind the callback
+    rounds = Rounds(service)
+    assert rounds.run().seeded == [DEPARTMENT]
+    standin.set_members(DEPARTMENT, make_members(5, DEPARTMENT) + [NEWCOMER])
+    for _ in range(3):
+        assert rounds.run().announced == []
+    assert len(smtp_sink.messages) == 6
+
+
 # --- one announcement per change, also when they race ---------------------------------------------------
 
 def test_a_renamed_userid_moves_the_record_and_is_announced_as_nothing(service, standin, smtp_sink, crypto):

@@ -45,6 +45,7 @@ def upgrade() -> None:
         sa.Column("last_round", sa.BigInteger, nullable=False),
         sa.Column("listed_at", sa.Double, nullable=False),
         sa.Column("member_count", sa.Integer, nullable=False),
+        sa.Column("fetch_child", sa.Integer, nullable=False),
         mysql_charset="utf8mb4",
     )
     op.create_table(
