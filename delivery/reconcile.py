@@ -155,8 +155,8 @@ def _compare_department(settings, engine, client, department_id: int, report: Ro
         return None
     joined = membership.joined_members(engine, department_id)
     if not listing and joined:
-        return _skip(report, department_id, "empty", f"the listing is empty while {len(joined)} member(s) are announced: "
-                                            "treated as a failed listing")
+        return _skip(report, department_id, "empty", f"the listing is empty while {len(joined)} member(s) are "
+                                                      "announced: treated as a failed listing")
     comparison = compare(department_id, listing, joined, membership.observed(engine, department_id), now)
     report.listed[department_id] = len(listing)
     if comparison.mass_drop:
@@ -238,10 +238,13 @@ class Reconciler:
         self.thread: threading.Thread | None = None
         self._next_check = 0.0
 
-    def tick(self) -> None:
-        """Start a round if one may be due (a time comparison; the database decides who runs it)."""
-        if self.settings.reconcile_seconds <= 0 or time.time() < self._next_check or \
-                (self.thread is not None and self.thread.is_alive()):
+    def tick(self, idle: bool = True) -> None:
+        """Start a round if one may be due (a time comparison; the database decides who runs it). While the
+        worker is busy a round waits, for one interval at most: its listing's CPU would slow the sending."""
+        interval = self.settings.reconcile_seconds
+        if interval <= 0 or (self.thread is not None and self.thread.is_alive()):
+            return
+        if time.time() < self._next_check + (0 if idle else interval):
             return
         self.thread = threading.Thread(target=self._run, name="wecom-mailer-reconcile", daemon=True)
         self.thread.start()

@@ -68,8 +68,8 @@ class Worker:
             try:
                 ensure_schema(self.engine)  # a worker started before its database creates the tables
                 self.ensure_snapshots()
-                self.reconciler.tick()  # starts a reconciliation round in its own thread when one is due
                 busy = self.run_once()
+                self.reconciler.tick(idle=not busy)  # a due round starts in its own thread, preferably when idle
             except (DBAPIError, StateUnavailable) as exc:
                 reason = exc.orig.__class__.__name__ if isinstance(exc, DBAPIError) else str(exc)
                 log.warning("state database error, retrying in %.0f s: %s", POLL_SECONDS * 4, reason)

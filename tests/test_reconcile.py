@@ -128,6 +128,22 @@ def reconcile_runs(engine) -> int:
         return conn.execute(sa.select(schema.leases.c.runs).where(schema.leases.c.name == "reconcile")).scalar() or 0
 
 
+def test_a_busy_worker_puts_a_due_round_off_for_one_interval_at_most(service, monkeypatch):
+    started = []
+    monkeypatch.setattr(reconcile, "run_round", lambda *args, **kwargs: started.append(time.time()))
+    reconciler = service.make_worker(reconcile_seconds=INTERVAL).reconciler
+    reconciler._next_check = time.time()  # a round is due now
+    reconciler.tick(idle=False)  # the worker has an event in hand
+    assert reconciler.thread is None
+    reconciler.tick(idle=True)
+    reconciler.join(10)
+    assert len(started) == 1
+    reconciler._next_check = time.time() - INTERVAL - 0.1  # overdue by more than an interval: busy or not
+    reconciler.tick(idle=False)
+    reconciler.join(10)
+    assert len(started) == 2
+
+
 def test_the_reconciled_join_says_when_it_was_first_seen_and_comes_after_two_listings(service, standin,
                                                                                        smtp_sink):
     rounds = Rounds(service)
