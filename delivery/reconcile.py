@@ -117,8 +117,14 @@ def run_round(settings, engine, client, owner: str, now: float | None = None, me
                     if (department_id, userid) not in resolved]
             membership.save_observations(engine, department_id, kept, report.round, now,
                                          report.listed[department_id])
+        _summarise(report, metrics)  # before the lease is released: whoever sees it free sees the round counted
     finally:
         leases.finish_turn(engine, LEASE, owner, report.outcome())
+    return report
+
+
+def _summarise(report: RoundReport, metrics) -> None:
+    """The round's one log line and its counters."""
     if metrics:
         metrics.reconcile_round("failed" if report.failed else "ok")
         for kind in report.failure_kinds:
@@ -130,7 +136,6 @@ def run_round(settings, engine, client, owner: str, now: float | None = None, me
     log.info("reconciliation round %d: %s; %d change(s) announced, %d waiting for their own event, "
              "%d department(s) skipped", report.round, listed, len(report.announced), len(report.waiting),
              len(report.failed))
-    return report
 
 
 def _compare_department(settings, engine, client, department_id: int, report: RoundReport,
