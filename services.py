@@ -33,7 +33,7 @@ class Services:
     def make_worker(self, settings: Settings | None = None) -> Worker:
         """A delivery worker on these engines (not started)."""
         return Worker(settings or self.settings, self.engine, self.template_engine, self.wecom_client(),
-                      metrics.Recorder())
+                      metrics.Recorder(), reconcile_client=self.wecom_client())
 
     def start_worker(self) -> Worker:
         """Start this process's delivery thread (gunicorn's post_worker_init, `flask worker`); once."""

@@ -2,7 +2,7 @@
 SQLAlchemy listeners that count what each process sends to the state database.
 
 Every 0.2 s (and at exit) each process writes `$BENCH_STATS_DIR/<pid>.json`: statements by thread
-kind (request, worker, smtp) and verb, transactions committed, pool checkouts (each one is a
+kind (request, worker, reconcile, smtp) and verb, transactions committed, pool checkouts (each one is a
 ping round trip under pool_pre_ping), the distinct statements seen (for EXPLAIN), and VmHWM.
 """
 from __future__ import annotations
@@ -27,6 +27,8 @@ def _kind() -> str:
     name = threading.current_thread().name
     if name == "wecom-mailer-worker":
         return "worker"
+    if name == "wecom-mailer-reconcile":
+        return "reconcile"
     if name.startswith("smtp"):
         return "smtp"
     return "request"

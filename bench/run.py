@@ -2,7 +2,7 @@
 
     python bench/run.py                 # every row at full size (a few minutes)
     python bench/run.py --quick         # smaller sizes, shorter loads
-    python bench/run.py --only fanout   # one or more of: ingest, fanout, e2e, growth, pace
+    python bench/run.py --only fanout   # one or more of: ingest, fanout, e2e, growth, reconcile, pace
 """
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sqlalchemy as sa  # noqa: E402
 
 from bench import harness as h  # noqa: E402
+from bench.pace import pace  # noqa: E402
+from bench.reconcile_round import reconcile  # noqa: E402
 from bench.sink import Sink  # noqa: E402
 
-SECTIONS = ("ingest", "fanout", "e2e", "growth", "pace")
+SECTIONS = ("ingest", "fanout", "e2e", "growth", "reconcile", "pace")
 
 
 @dataclass
@@ -579,8 +581,12 @@ def main() -> int:
     parser.add_argument("--e2e-sizes", help="comma list of department sizes for the end-to-end rows")
     parser.add_argument("--growth-rows", type=int, help="rows already in each table for the growth rows")
     parser.add_argument("--repeats", type=int, help="fan-out rounds (best of) per size")
+    parser.add_argument("--reconcile-size", type=int, help="members of the reconciled department (10,000)")
+    parser.add_argument("--reconcile-event-size", type=int,
+                        help="members of the department whose event arrives during a round (1,000)")
     args = parser.parse_args()
-    overrides = {key: getattr(args, key) for key in ("fanout_sizes", "e2e_sizes", "growth_rows", "repeats")}
+    overrides = {key: getattr(args, key) for key in ("fanout_sizes", "e2e_sizes", "growth_rows", "repeats",
+                                                     "reconcile_size", "reconcile_event_size")}
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
@@ -589,9 +595,11 @@ def main() -> int:
     if args.quick:
         args.load_seconds, args.requests, args.repeats, args.naive_cap = 3, 25_000, 2, 500
         args.fanout_sizes, args.e2e_sizes, args.growth_rows = [300, 1000], [10, 100, 1000], 100_000
+        args.reconcile_size, args.reconcile_event_size = 10_000, 300
     else:
         args.load_seconds, args.requests, args.repeats, args.naive_cap = 5, 40_000, 3, 3000
         args.fanout_sizes, args.e2e_sizes, args.growth_rows = [1000, 10000], [10, 100, 1000, 10000], 1_000_000
+        args.reconcile_size, args.reconcile_event_size = 10_000, 1000
     for key, value in overrides.items():
         if value:
             setattr(args, key, [int(n) for n in value.split(",")] if key.endswith("sizes") else value)
@@ -607,10 +615,8 @@ def main() -> int:
         f"{os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}")
     with Sink() as sink, WeComStandIn(h.CORP_ID, h.SECRET, {}) as standin:
         run = Run(args, sink, standin)
-        from bench.pace import pace
-
         for name, section in (("ingest", ingest), ("fanout", fanout), ("e2e", end_to_end), ("growth", growth),
-                              ("pace", pace)):
+                              ("reconcile", reconcile), ("pace", pace)):
             if name in args.only:
                 section(run)
     print_table(run)

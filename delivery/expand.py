@@ -7,6 +7,7 @@ from sqlalchemy.exc import DBAPIError
 
 import templates_repo
 import wecom
+from delivery import announced
 from store import addressbook, outbox
 from store.snapshots import load_snapshots
 
@@ -20,9 +21,12 @@ def expand(worker, row) -> bool:
         change = wecom.parse_event(row.xml)
     except wecom.CallbackRejected as exc:  # e.g. XML cut short by schema 1's 64 KB column: it never will parse
         return worker.finish(row, "failed", f"stored event XML does not parse: {exc.reason}")
-    touched = touched_departments(worker, change)
+    touched = touched_departments(worker, change, row)
+    # One announcement per change: a callback marks the announced membership, and notifies no department
+    # where reconciliation announced the same change first.
+    touched, already = announced.record_callback(worker, row, change, touched)
     if not touched:
-        return worker.finish(row, "ignored", "not a change to a member of a watched department")
+        return worker.finish(row, "ignored", announced.ignored_reason(already, settings.tz))
     try:
         template = templates_repo.load_template(worker.template_engine, settings.template_table,
                                                 settings.template_app, change.change_type)
@@ -57,13 +61,15 @@ def expand(worker, row) -> bool:
     return True
 
 
-def touched_departments(worker, change) -> list[int]:
+def touched_departments(worker, change, row) -> list[int]:
     """The watched departments this change concerns (NOTIFY_SCOPE), from the event and the snapshot."""
     watched = worker.settings.department_ids
     if not change.is_member_change:
         return []
     if worker.settings.notify_scope == "corp":
         return list(watched)
+    if row.source == "reconcile":  # exactly the departments whose listings confirmed it
+        return [d for d in watched if str(d) in row.departments.split(",")]
     userids = {change.user_id, change.fields.get("newuserid", "")} - {""}
     snapshots = load_snapshots(worker.engine, watched, userids)
     touched = []

@@ -16,6 +16,7 @@ from delivery.event_round import send_event
 from delivery.expand import expand
 from delivery.lease import LeaseKeeper
 from delivery.limits import Gate
+from delivery.reconcile import Reconciler
 from smtp_session import Pool
 from store import outbox
 from store.db import StateUnavailable
@@ -30,7 +31,8 @@ SNAPSHOT_RETRY_SECONDS = 60.0
 class Worker:
     """One delivery loop; owns its lease identity. Run it in a thread (web) or alone (`flask worker`)."""
 
-    def __init__(self, settings, engine, template_engine, client, metrics=None, clock=time.time):
+    def __init__(self, settings, engine, template_engine, client, metrics=None, reconcile_client=None,
+                 clock=time.time):
         self.settings = settings
         self.engine = engine
         self.template_engine = template_engine
@@ -46,6 +48,9 @@ class Worker:
         self.lease: LeaseKeeper | None = None  # the lease on the event in hand
         self.thread: threading.Thread | None = None  # set by start()
         self._snapshots_due = 0.0
+        # Its own WeCom client: a round runs in a thread of its own, beside this loop's listings.
+        self.reconciler = Reconciler(settings, engine, reconcile_client or client, self.owner, metrics,
+                                     stop=self.stop, on_announced=self.wakeup.set)
 
     # -- loop ----------------------------------------------------------------------------------
 
@@ -61,6 +66,7 @@ class Worker:
         self.wakeup.set()
         if self.thread is not None:
             self.thread.join(timeout=self.settings.smtp_timeout + 5)
+        self.reconciler.join(timeout=5)  # a round in a slow WeCom call is not waited out: its lease ends by itself
         if self.smtp_pool is not None and (self.thread is None or not self.thread.is_alive()):
             self.smtp_pool.close()
 
@@ -72,6 +78,7 @@ class Worker:
                 ensure_schema(self.engine)  # a worker started before its database creates the tables
                 self.ensure_snapshots()
                 busy = self.run_once()
+                self.reconciler.tick(idle=not busy)  # a due round starts in its own thread, preferably when idle
             except (DBAPIError, StateUnavailable) as exc:
                 reason = exc.orig.__class__.__name__ if isinstance(exc, DBAPIError) else str(exc)
                 log.warning("state database error, retrying in %.0f s: %s", POLL_SECONDS * 4, reason)
@@ -83,7 +90,7 @@ class Worker:
             if not busy:
                 if self.smtp_pool is not None:
                     self.smtp_pool.close_idle()
-                self.wakeup.wait(POLL_SECONDS)
+                self.wakeup.wait(min(POLL_SECONDS, self.reconciler.due_in()))
                 self.wakeup.clear()
         if self.smtp_pool is not None:
             self.smtp_pool.close()

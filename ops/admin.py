@@ -18,7 +18,7 @@ import templates_repo
 import wecom
 from ops import login_throttle, metrics, report, sessions
 from store import addressbook, outbox
-from store.schema import DELIVERY_OPEN, DELIVERY_STATUSES, EVENT_STATUSES
+from store.schema import DELIVERY_OPEN, DELIVERY_STATUSES, EVENT_OPEN, EVENT_STATUSES
 
 log = logging.getLogger("wecom_mailer.admin")
 bp = Blueprint("admin", __name__, url_prefix="/admin")  # pages: templates/admin/ beside app.py
@@ -196,9 +196,11 @@ def event(event_id: int):
 
 
 def _due_soon(event: dict, deliveries: list[dict]) -> bool:
+    """Refresh while the event is open and due soon: also in the moment its last delivery is marked and the
+    event itself not yet done."""
     soon = time.time() + REFRESH_WITHIN_SECONDS
-    if event["status"] == "pending":
-        return event["next_attempt_at"] <= soon
+    if event["status"] in EVENT_OPEN and event["next_attempt_at"] <= soon:
+        return True
     return any(d["status"] in DELIVERY_OPEN and d["next_attempt_at"] <= soon for d in deliveries)
 
 

@@ -17,6 +17,7 @@ from ops import report
 from store import limits
 import templates_repo
 import wecom
+from ops import report
 from store import addressbook
 from store.db import StateUnavailable, safe_url
 from store.migrate import upgrade
@@ -37,6 +38,9 @@ def run_all(parts) -> list[tuple[bool, str]]:
     else:
         results.extend((False, f"WeCom department {d}: not checked (needs a working gettoken)")
                        for d in settings.department_ids)
+    if settings.reconcile_seconds > 0:
+        results.append(reconciliation(engine, settings) if state_ok else
+                       (False, "reconciliation: not checked (needs the state database)"))
     results.append(smtp(settings))
     results.append(sending_limits(settings, engine if state_ok else None))
     return [(ok, config.mask(line, settings)) for ok, line in results]
@@ -102,6 +106,24 @@ def departments(client, settings, engine) -> list[tuple[bool, str]]:
         else:
             results.append((True, f"{line}, every one with an address"))
     return results
+
+
+def reconciliation(engine, settings) -> tuple[bool, str]:
+    """When reconciliation last ran and what it found; ✗ when its last round could not list a department."""
+    try:
+        turn, found = report.reconciliation_summary(engine)
+    except DBAPIError as exc:
+        return False, f"reconciliation: {exc.orig.__class__.__name__} reading its state"
+    every = f"every {settings.reconcile_seconds:g} s"
+    if turn is None or turn.last_run_at is None:
+        return True, f"reconciliation ({every}): has not run yet (the first delivery worker to start runs it)"
+    when = report.local_time(turn.last_run_at, settings.tz)
+    line = (f"reconciliation ({every}): last round {when} ({settings.timezone}); {found} change(s) found in the "
+            f"last 7 days that WeCom's callbacks never delivered")
+    outcome = turn.last_outcome or ""
+    if outcome.startswith("failed"):
+        return False, f"{line} — last round {outcome}"
+    return True, line
 
 
 def smtp(settings) -> tuple[bool, str]:

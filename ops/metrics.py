@@ -33,6 +33,15 @@ ADMIN_LOGIN_FAILURES = Counter("wecom_mailer_admin_login_failures_total",
                                "Refused /admin logins, by reason (wrong_token, throttled)", ["reason"])
 WECOM_CALLS = Counter("wecom_mailer_wecom_api_calls_total", "WeCom API calls by API and errcode",
                       ["api", "errcode"])
+RECONCILE_ROUNDS = Counter("wecom_mailer_reconcile_rounds_total",
+                           "Reconciliation rounds run by this process, by outcome (ok, failed)", ["outcome"])
+RECONCILE_FAILURES = Counter("wecom_mailer_reconcile_failures_total",
+                             "Department listings reconciliation did not act on: listing (WeCom failed or "
+                             "refused), empty (an empty listing of a department with announced members)",
+                             ["reason"])
+RECONCILE_EVENTS = Counter("wecom_mailer_reconcile_events_total",
+                           "Synthetic events recorded by reconciliation (changes whose callback never came)",
+                           ["change_type"])
 
 
 class Recorder:
@@ -57,6 +66,18 @@ class Recorder:
     @staticmethod
     def wecom_call(api: str, errcode) -> None:
         WECOM_CALLS.labels(api, str(errcode)).inc()
+
+    @staticmethod
+    def reconcile_round(outcome: str) -> None:
+        RECONCILE_ROUNDS.labels(outcome).inc()
+
+    @staticmethod
+    def reconcile_failure(reason: str) -> None:
+        RECONCILE_FAILURES.labels(reason).inc()
+
+    @staticmethod
+    def reconcile_event(change_type: str) -> None:
+        RECONCILE_EVENTS.labels(change_type).inc()
 
 
 def callback(outcome: str, reason: str, seconds: float) -> None:

@@ -1,11 +1,12 @@
 """What happened: recent events with delivery counts, one event's deliveries (reads only)."""
 from __future__ import annotations
 
+import time
 from datetime import datetime, tzinfo
 
 import sqlalchemy as sa
 
-from store.schema import address_book, deliveries, events, template_table
+from store.schema import address_book, deliveries, events, leases, template_table
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -19,7 +20,7 @@ def recent_events(engine, limit: int = 20, status: str | None = None,
                   delivery_status: str | None = None) -> list[dict]:
     """The newest events (optionally: with a delivery in `delivery_status`), each with delivery counts by status."""
     query = sa.select(events.c.id, events.c.change_type, events.c.user_id, events.c.status, events.c.reason,
-                      events.c.received_at, events.c.attempts, events.c.next_attempt_at)
+                      events.c.received_at, events.c.attempts, events.c.next_attempt_at, events.c.source)
     if status:
         query = query.where(events.c.status == status)
     if delivery_status:
@@ -96,6 +97,17 @@ def limit_lines(engine, tz: tzinfo) -> list[str]:
     return [f"  {count} deliveries wait for a daily sending limit; the next goes at {local_time(until, tz)}"]
 
 
+def reconciliation_summary(engine, days: float = 7) -> tuple[object | None, int]:
+    """(the reconciliation lease row: last_run_at, runs, last_outcome; or None), and how many changes it
+    found in the last `days` days that no callback had announced."""
+    with engine.connect() as conn:
+        turn = conn.execute(sa.select(leases).where(leases.c.name == "reconcile")).first()
+        found = conn.execute(sa.select(sa.func.count()).select_from(events)
+                             .where(events.c.source == "reconcile",
+                                    events.c.received_at >= time.time() - days * 86400)).scalar_one()
+    return turn, found
+
+
 def status_lines(engine, tz: tzinfo, event_id: int | None = None, limit: int = 20) -> list[str]:
     """The text of `flask status`."""
     if event_id is not None:
@@ -110,9 +122,11 @@ def status_lines(engine, tz: tzinfo, event_id: int | None = None, limit: int = 2
     lines = [f"{'id':>8}  {'received':<19}  {'change':<12} {'userid':<16} {'status':<8} deliveries"]
     for r in rows:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(r["counts"].items())) or "-"
+        source = "  (source: reconcile)" if r["source"] == "reconcile" else ""  # no callback ever came for it
         lines.append(f"{r['id']:>8}  {local_time(r['received_at'], tz)}  {r['change_type']:<12} {r['user_id']:<16} "
-                     f"{r['status']:<8} {counts}")
-        if r["status"] in ("failed", "skipped") or (r["status"] == "pending" and r["attempts"]):
+                     f"{r['status']:<8} {counts}{source}")
+        if r["status"] in ("failed", "skipped") or (r["status"] == "pending" and r["attempts"]) or \
+                (r["status"] == "ignored" and (r["reason"] or "").startswith("already announced")):
             lines.append(f"{'':>10}reason: {r['reason']}")
     lines.extend(limit_lines(engine, tz))
     failed = [d for r in rows if r["counts"].get("failed") for d in event_deliveries(engine, r["id"], "failed")]

@@ -39,6 +39,8 @@ events = Table(
     Column("finished_at", Double),
     Column("lease_owner", String(64)),
     Column("lease_until", Double),
+    # callback: recorded from WeCom; reconcile: announced by reconciliation (delivery/reconcile.py)
+    Column("source", String(16), nullable=False, default="callback", server_default="callback"),
     UniqueConstraint("dedup_key", name="uq_wm_events_dedup"),
     Index("ix_wm_events_due", "status", "next_attempt_at"),
 )
@@ -73,6 +75,57 @@ snapshot_members = Table(
     Column("department_id", BigInteger, primary_key=True, autoincrement=False),
     Column("userid", String(64), primary_key=True),
     Column("name", String(255), nullable=False, default=""),
+)
+
+# The membership announced per watched department (reconciliation, issue 13): who was announced as joined and
+# not yet as left. Seeded from the department's first reconciliation listing (announced_by 'seed': never mailed);
+# callbacks and reconciliation move rows between joined and left by compare-and-set, so a change is announced once.
+MEMBERSHIP_STATES = ("joined", "left")
+membership = Table(
+    "wm_membership", metadata,
+    Column("department_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("userid", String(64), primary_key=True),
+    Column("state", String(8), nullable=False),
+    Column("name", String(255), nullable=False, default=""),
+    Column("announced_by", String(16), nullable=False),  # seed | callback | reconcile
+    Column("announced_at", Double, nullable=False),
+    Column("changed_at", Double),  # when the change happened, as its announcement says (CreateTime)
+    Column("event_id", BigInteger),
+)
+
+# What reconciliation's listings show that the announced membership does not: a member listed but not announced
+# (kind 'join') or announced but not listed ('leave'), and in how many consecutive listings since when. Only
+# these differences have rows; every successful listing of a department replaces its rows.
+observations = Table(
+    "wm_observations", metadata,
+    Column("department_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("userid", String(64), primary_key=True),
+    Column("kind", String(8), nullable=False),
+    Column("listings", Integer, nullable=False),
+    Column("since", Double, nullable=False),
+    Column("name", String(255), nullable=False, default=""),
+)
+
+# Per watched department: when reconciliation seeded it, and its last successful listing.
+reconciled_departments = Table(
+    "wm_reconciled_departments", metadata,
+    Column("department_id", BigInteger, primary_key=True, autoincrement=False),
+    Column("seeded_at", Double, nullable=False),
+    Column("last_round", BigInteger, nullable=False),
+    Column("listed_at", Double, nullable=False),
+    Column("member_count", Integer, nullable=False, default=0),
+    Column("fetch_child", Integer, nullable=False, default=0),  # WECOM_FETCH_CHILD of the seed: a change re-seeds
+)
+
+# Named leases for work that one process does per interval (reconciliation): taken by compare-and-set.
+leases = Table(
+    "wm_leases", metadata,
+    Column("name", String(32), primary_key=True),
+    Column("owner", String(64)),
+    Column("lease_until", Double),
+    Column("last_run_at", Double),
+    Column("runs", BigInteger, nullable=False, default=0),
+    Column("last_outcome", Text),
 )
 
 address_book = Table(

@@ -367,7 +367,7 @@ def test_the_state_database_keeps_the_failure_table_small_under_a_flood(make_app
     assert count == login_throttle.PER_CLIENT  # throttled attempts are refused before they are written
 
 
-def test_migration_0006_builds_the_tables_schema_py_declares(db_url):
+def test_the_admin_migration_builds_the_tables_schema_py_declares(db_url):
     from alembic.autogenerate import compare_metadata
     from alembic.runtime.migration import MigrationContext
 

@@ -34,6 +34,8 @@ BAD = [
     ("SMTP_PORT", "smtp", "SMTP_PORT must be a whole number"),
     ("SMTP_CONNECTIONS", "0", "SMTP_CONNECTIONS must be between 1 and 32"),
     ("RETRY_BACKOFF_SECONDS", "soon", "RETRY_BACKOFF_SECONDS must be a number"),
+    ("RECONCILE_SECONDS", "-1", "RECONCILE_SECONDS must be between 0 and 604800 (got -1)"),
+    ("RECONCILE_SECONDS", "soon", "RECONCILE_SECONDS must be a number"),
     ("TIMEZONE", "Mars/Olympus", "TIMEZONE 'Mars/Olympus' is not an IANA zone"),
     ("TEMPLATE_TABLE", "x; drop table y", "TEMPLATE_TABLE must be a plain table name"),
     ("CALLBACK_PATH", "wecom", "CALLBACK_PATH must start with '/'"),
@@ -98,6 +100,8 @@ FLASK = [sys.executable, "-m", "flask", "--app", "app"]
 @pytest.mark.parametrize("name,value,expected", [
     ("WECOM_CALLBACK_AES_KEY", TEST_AES_KEY[:42], "WECOM_CALLBACK_AES_KEY must be 43 characters"),
     ("WECOM_DEPARTMENT_ID", None, "WECOM_DEPARTMENT_ID is required"),
+    ("RECONCILE_SECONDS", "-1", "RECONCILE_SECONDS must be between 0 and 604800 (got -1)"),
+    ("RECONCILE_SECONDS", "soon", "RECONCILE_SECONDS must be a number"),
 ])
 def test_flask_commands_stop_with_one_line(tmp_path, name, value, expected):
     result = _run(FLASK + ["status"], _env(name, value, DATABASE_URL=f"sqlite:///{tmp_path}/s.db"))

@@ -199,7 +199,7 @@ def test_a_schema_1_database_is_widened_and_its_cut_events_fail_visibly_instead_
     with old.begin() as conn:  # as schema 1 left it: 64 KB TEXT columns and one event cut short there
         conn.execute(sa.text("ALTER TABLE wm_events MODIFY xml TEXT NOT NULL, MODIFY subject TEXT, MODIFY body TEXT"))
         conn.execute(sa.text("UPDATE wm_schema SET version = 1"))
-        conn.execute(schema.events.insert(), {"dedup_key": "cut", "change_type": "create_user", "user_id": "cut",
+        conn.execute(legacy.events.insert(), {"dedup_key": "cut", "change_type": "create_user", "user_id": "cut",
                                               "departments": "2", "xml": event_xml("cut")[:70], "status": "pending",
                                               "attempts": 0, "received_at": time.time(), "next_attempt_at": 0})
     old.dispose()

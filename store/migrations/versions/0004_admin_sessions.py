@@ -3,14 +3,14 @@
 Each table is created where missing (as 0001 does): a database whose alembic_version was lost or reset
 already holds them, and upgrading it again must not fail.
 
-Revision ID: 0006
-Revises: 0005
+Revision ID: 0004
+Revises: 0003
 """
 from alembic import op
 import sqlalchemy as sa
 
-revision = "0006"
-down_revision = "0005"
+revision = "0004"
+down_revision = "0003"
 branch_labels = None
 depends_on = None
 

@@ -1,12 +1,12 @@
 """Sending limits shared by all processes: a log of recent messages, a count per day, a lock row.
 
-Revision ID: 0005
+Revision ID: 0003
 Revises: 0002
 """
 from alembic import op
 import sqlalchemy as sa
 
-revision = "0005"
+revision = "0003"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
