@@ -110,3 +110,18 @@ def test_processes_starting_at_once_upgrade_the_empty_database_once(db_url):
         assert conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalars().all() == \
             [migrate.head_revision()]
     engine.dispose()
+
+
+def test_the_migrations_build_exactly_the_tables_schema_py_declares(db_url):
+    """Every table, column (with its type), index and unique key of store/schema.py, and nothing else."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+
+    from store.schema import metadata
+
+    engine = db.make_engine(db_url)
+    migrate.upgrade(engine)
+    with engine.connect() as conn:
+        differences = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
+    engine.dispose()
+    assert differences == []
