@@ -7,6 +7,7 @@ from flask import Flask
 from sqlalchemy.engine import Engine
 
 import wecom
+import wecom_api
 from config import Settings
 from delivery.worker import Worker
 from ops import metrics
@@ -26,9 +27,9 @@ class Services:
     crypto: wecom.CallbackCrypto
     worker: Worker | None = field(default=None)
 
-    def wecom_client(self) -> wecom.WeComClient:
+    def wecom_client(self) -> wecom_api.WeComClient:
         """A WeCom API client whose access token is shared with every process through the state database."""
-        return wecom.WeComClient(self.settings, TokenStore(self.engine), observe=metrics.Recorder.wecom_call)
+        return wecom_api.WeComClient(self.settings, TokenStore(self.engine), observe=metrics.Recorder.wecom_call)
 
     def make_worker(self, settings: Settings | None = None) -> Worker:
         """A delivery worker on these engines (not started)."""

@@ -7,6 +7,7 @@ from sqlalchemy.exc import DBAPIError
 
 import templates_repo
 import wecom
+import wecom_api
 from delivery import announced
 from store import addressbook, outbox
 from store.snapshots import load_snapshots
@@ -37,7 +38,7 @@ def expand(worker, row) -> bool:
                                              f"(app {settings.template_app!r} in {settings.template_table})")
     try:
         members_by_department = worker.client.list_members(touched, settings.fetch_child)
-    except wecom.WeComError as exc:
+    except wecom_api.WeComError as exc:
         if exc.permanent:
             return worker.finish(row, "failed", str(exc))
         return worker.postpone(row, str(exc))

@@ -17,6 +17,7 @@ from datetime import datetime
 from sqlalchemy.exc import DBAPIError
 
 import wecom
+import wecom_api
 from templates_repo import TIME_FORMAT
 from store import leases, membership
 from store.db import StateUnavailable
@@ -37,7 +38,7 @@ class Due:
     userid: str
     name: str
     since: float  # the first listing that showed it
-    member: wecom.Member | None  # as listed (joins)
+    member: wecom_api.Member | None  # as listed (joins)
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class Comparison:
         return self.dropped * 2 > self.announced
 
 
-def compare(department_id: int, listing: dict[str, wecom.Member], joined: dict[str, str],
+def compare(department_id: int, listing: dict[str, wecom_api.Member], joined: dict[str, str],
             previous: dict[str, object], now: float) -> Comparison:
     """Who is listed but not announced (join), announced but not listed (leave), for how many listings."""
     dropped = [userid for userid in joined if userid not in listing]
@@ -143,7 +144,7 @@ def _compare_department(settings, engine, client, department_id: int, report: Ro
     """List one department and compare; None when there is nothing to act on (failed, empty, just seeded)."""
     try:
         members = client.list_members([department_id], settings.fetch_child)[department_id]
-    except wecom.WeComError as exc:
+    except wecom_api.WeComError as exc:
         return _skip(report, department_id, "listing", f"listing failed: {exc}")
     listing = {member.userid: member for member in members}
     state = membership.department_state(engine, department_id)

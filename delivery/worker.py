@@ -10,7 +10,7 @@ import uuid
 
 from sqlalchemy.exc import DBAPIError
 
-import wecom
+import wecom_api
 from delivery import retry
 from delivery.event_round import send_event
 from delivery.expand import expand
@@ -125,7 +125,7 @@ class Worker:
         try:
             self.refresh_snapshots(self.client.list_members(missing, self.settings.fetch_child))
             log.info("member snapshot taken for department(s) %s", ",".join(map(str, missing)))
-        except wecom.WeComError as exc:
+        except wecom_api.WeComError as exc:
             self._snapshots_due = time.time() + SNAPSHOT_RETRY_SECONDS
             log.warning("cannot take the member snapshot of department(s) %s yet: %s",
                         ",".join(map(str, missing)), exc)

@@ -16,7 +16,7 @@ from delivery.limits import day_of, next_day_start
 from ops import report
 from store import limits
 import templates_repo
-import wecom
+import wecom_api
 from ops import report
 from store import addressbook
 from store.db import StateUnavailable, safe_url
@@ -30,7 +30,7 @@ def run_all(parts) -> list[tuple[bool, str]]:
     results = [state_database(engine, settings), template_rows(parts.template_engine, settings)]
     state_ok = results[0][0]
     # The access token is shared through the state database; without it, WeCom is still worth trying.
-    client = parts.wecom_client() if state_ok else wecom.WeComClient(settings)
+    client = parts.wecom_client() if state_ok else wecom_api.WeComClient(settings)
     token_ok, line = wecom_token(client)
     results.append((token_ok, line))
     if token_ok:
@@ -78,7 +78,7 @@ def template_rows(engine, settings) -> tuple[bool, str]:
 def wecom_token(client) -> tuple[bool, str]:
     try:
         client.check_token()
-    except wecom.WeComError as exc:
+    except wecom_api.WeComError as exc:
         return False, str(exc)  # it names gettoken and the fix already
     return True, "WeCom gettoken: access token obtained"
 
@@ -89,7 +89,7 @@ def departments(client, settings, engine) -> list[tuple[bool, str]]:
     for department_id in settings.department_ids:
         try:
             members = client.list_members([department_id], settings.fetch_child)[department_id]
-        except wecom.WeComError as exc:
+        except wecom_api.WeComError as exc:
             results.append((False, f"WeCom department {department_id}: {exc}"))
             continue
         line = f"WeCom department {department_id}: {len(members)} member(s)"

@@ -13,7 +13,7 @@ from sqlalchemy.engine import Engine
 from config import Settings
 from mailer import address_problem
 from store.schema import address_book, insert_ignore
-from wecom import Member
+from wecom_api import Member
 
 USERID_HEADERS = ("userid", "帐号", "账号")
 EMAIL_HEADERS = ("email", "邮箱")

@@ -11,7 +11,7 @@ from store import db, migrate, schema
 from mailer import address_problem
 from store.addressbook import CHUNK, ImportResult, import_csv, resolve
 from support import base_env
-from wecom import Member
+from wecom_api import Member
 
 
 @pytest.fixture

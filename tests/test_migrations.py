@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 import wecom
+import wecom_api
 from store import db, migrate, outbox
 from support import ROOT, change_xml
 from support.legacy import legacy_release
@@ -35,7 +36,7 @@ def fill_as_the_last_release_did(legacy, engine) -> None:
     marks.mark(due[2].id, status="failed", attempts=1, first_attempt_at=1700000100.0, reason="550 no such user")
     marks.close()
     legacy.update_event(engine, held.id, "old-worker", release=False, next_attempt_at=1700000200.0)
-    legacy.save_snapshot(engine, 2, [wecom.Member("m0", "成员0"), wecom.Member("m1", "成员1")], (2, 21))
+    legacy.save_snapshot(engine, 2, [wecom_api.Member("m0", "成员0"), wecom_api.Member("m1", "成员1")], (2, 21))
     legacy.TokenStore(engine).put("k" * 64, "token-value", 1700007200.0)
     with engine.begin() as conn:
         conn.execute(legacy.address_book.insert(), {"userid": "m3", "email": "m3@corp.example",

@@ -9,10 +9,9 @@ import pytest
 import requests
 
 import config
-import wecom
 from store import db, migrate, tokens
 from support import ROOT, TEST_CORP_ID, TEST_SECRET, base_env
-from wecom import Member, WeComClient, WeComError
+from wecom_api import Member, WeComClient, WeComError, token_key
 from devtools.wecom_standin import WeComStandIn, make_members
 
 
@@ -274,7 +273,7 @@ def test_token_is_shared_through_the_state_database(wecom_api, db_url):
     assert len(make_client(wecom_api, tokens.TokenStore(engine)).list_members([2])[2]) == 5
 
     assert wecom_api.calls["gettoken"] == 2
-    stored = tokens.TokenStore(engine).get(wecom.token_key(TEST_CORP_ID, TEST_SECRET))
+    stored = tokens.TokenStore(engine).get(token_key(TEST_CORP_ID, TEST_SECRET))
     assert stored is not None and stored[1] > time.time() + 7000
 
 
