@@ -86,14 +86,9 @@ def prepare_state(database_url: str) -> None:
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} not reached within {timeout:.0f} s")
-        time.sleep(interval)
+    from devtools.waiting import wait_until
+
+    return wait_until(predicate, timeout=timeout, interval=interval, what=what)
 
 
 def child_pids(pid: int) -> list[int]:

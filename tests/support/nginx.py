@@ -8,7 +8,7 @@ from pathlib import Path
 
 from devtools.ports import free_port
 from support.env import ROOT
-from support.waiting import wait_until
+from devtools.waiting import wait_until
 
 NGINX_HINT = "nginx is not installed: apt-get install nginx-light (.ci/run installs it)"
 SITE = ROOT / "deploy" / "nginx.conf"

@@ -11,7 +11,7 @@ import requests
 
 from devtools.ports import free_port
 from support.env import ROOT
-from support.waiting import wait_until
+from devtools.waiting import wait_until
 
 
 class Process:

@@ -1,4 +1,4 @@
-"""The one way tests wait: for a condition, bounded in time, failing with what was awaited."""
+"""The one way tests and benchmarks wait: for a condition, bounded in time, failing with what was awaited."""
 from __future__ import annotations
 
 import time
