@@ -66,8 +66,7 @@ def _over_smtp(settings, take, render, on_result, halts: list, pool: Pool | None
 
     def run(session: SmtpSession) -> None:
         try:
-            if session.smtp is not None and not session.usable():
-                session.close(polite=False)
+            session.usable()  # a kept connection: closed here if idle too long or gone; send() reopens it
             session.send(guarded_take, render, on_result)
         except Halt as halt:
             halts.append(halt)
