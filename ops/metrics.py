@@ -9,7 +9,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy.exc import DBAPIError
 
-from store.schema import DELIVERY_OPEN, EVENT_OPEN, deliveries, events
+from store.schema import DELIVERY_OPEN, EVENT_OPEN, deliveries, digests, events
 
 CALLBACKS = Counter("wecom_mailer_callbacks_total", "Callbacks answered, by outcome and reason",
                     ["outcome", "reason"])
@@ -18,6 +18,7 @@ ACK_SECONDS = Histogram("wecom_mailer_callback_seconds", "Time to answer a callb
 DELIVERIES = Counter("wecom_mailer_deliveries_total", "Delivery attempts by outcome (sent, retry, failed)",
                      ["outcome"])
 EVENTS = Counter("wecom_mailer_events_finished_total", "Events finished, by final status", ["status"])
+DIGESTS = Counter("wecom_mailer_digests_total", "Digest mails by outcome (sent, retry, failed)", ["outcome"])
 THROTTLE_PAUSES = Counter("wecom_mailer_smtp_throttle_pauses_total",
                           "Sending rounds stopped because the SMTP server kept refusing (throttling)")
 WECOM_CALLS = Counter("wecom_mailer_wecom_api_calls_total", "WeCom API calls by API and errcode",
@@ -34,6 +35,10 @@ class Recorder:
     @staticmethod
     def event_finished(status: str) -> None:
         EVENTS.labels(status).inc()
+
+    @staticmethod
+    def digest(outcome: str) -> None:
+        DIGESTS.labels(outcome).inc()
 
     @staticmethod
     def throttle_pause() -> None:
@@ -65,6 +70,8 @@ class OutboxCollector:
                                           .group_by(deliveries.c.status)).all()
                 oldest = conn.execute(sa.select(sa.func.min(events.c.received_at))
                                       .where(events.c.status.in_(EVENT_OPEN))).scalar()
+                next_digest = conn.execute(sa.select(sa.func.min(digests.c.due_at))
+                                           .where(digests.c.status == "collecting")).scalar()
         except DBAPIError:
             up.add_metric([], 0)
             yield up
@@ -79,6 +86,11 @@ class OutboxCollector:
             yield family
         depth = sum(count for status, count in by_delivery if status in DELIVERY_OPEN)
         yield GaugeMetricFamily("wecom_mailer_queue_depth", "Open deliveries (pending or retry)", value=depth)
+        held = sum(count for status, count in by_delivery if status == "held")
+        yield GaugeMetricFamily("wecom_mailer_held_deliveries", "Deliveries held for a digest", value=held)
+        yield GaugeMetricFamily("wecom_mailer_next_digest_seconds",
+                                "Seconds until the next digest is due (0 when none waits or one is due)",
+                                value=max(next_digest - time.time(), 0) if next_digest else 0)
         yield GaugeMetricFamily("wecom_mailer_oldest_open_event_seconds",
                                 "Age of the oldest event not yet finished (0 when none)",
                                 value=time.time() - oldest if oldest else 0)
