@@ -4,44 +4,14 @@ test waits for a window."""
 from __future__ import annotations
 
 from datetime import datetime
-from zoneinfo import ZoneInfo
 
 import pytest
 import sqlalchemy as sa
 
-from devtools.wecom_standin import make_members
 from store import schema
-from support import CREATED_AT, DEPARTMENT, change_xml, count, rows, signed_post
-from support.digests import Clock, changes_received, mails_by_recipient, text
-
-SHANGHAI = ZoneInfo("Asia/Shanghai")
-T0 = datetime(2024, 3, 5, 10, 0, tzinfo=SHANGHAI).timestamp()  # a Tuesday morning, outside quiet hours
-MEMBERS = [f"user{i:04d}@corp.example" for i in range(1, 11)]
-
-
-@pytest.fixture
-def department(service, standin):
-    """The service with a department of ten members, every one with an address."""
-    standin.set_members(DEPARTMENT, make_members(10, DEPARTMENT))
-    service.drain()  # the member snapshot
-    return service
-
-
-def digest_worker(service, clock: Clock, **settings):
-    worker = service.make_worker(**settings)
-    worker.clock = clock
-    return worker
-
-
-@pytest.fixture
-def poster(department, crypto):
-    """poster(userid, change_type, n): one signed callback about `userid`, CreateTime CREATED_AT + n."""
-    client = department.test_client()
-
-    def post(userid: str, change_type: str = "create_user", n: int = 0) -> None:
-        xml = change_xml(change_type, userid, create_time=CREATED_AT + n)
-        assert signed_post(client, crypto, xml).data == b"success"
-    return post
+from support import count, rows
+from support.digests import (MEMBERS, SHANGHAI, T0, Clock, changes_received, digest_worker, mails_by_recipient,
+                             text)
 
 
 def burst(service, worker, clock, poster, count_: int = 30, spread: float = 3.0) -> list[str]:

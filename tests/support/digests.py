@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import collections
 import re
+from datetime import datetime
+from zoneinfo import ZoneInfo
 
+SHANGHAI = ZoneInfo("Asia/Shanghai")
+T0 = datetime(2024, 3, 5, 10, 0, tzinfo=SHANGHAI).timestamp()  # a Tuesday morning, outside quiet hours
+MEMBERS = [f"user{i:04d}@corp.example" for i in range(1, 11)]  # the `department` fixture's
 CHANGED = re.compile(r"(?:新增|更新|删除)成员 ID：(\S+)")  # the original templates' line naming the member
 
 
@@ -20,6 +25,13 @@ class Clock:
     def advance(self, seconds: float) -> float:
         self.now += seconds
         return self.now
+
+
+def digest_worker(service, clock: Clock, **settings):
+    """A worker of `service` with settings overridden (digest_window=…, quiet_hours=…) on `clock`."""
+    worker = service.make_worker(**settings)
+    worker.clock = clock
+    return worker
 
 
 def text(message) -> str:
