@@ -205,3 +205,34 @@ def test_a_change_whose_own_template_is_gone_is_listed_bare_and_its_event_says_w
     assert [e.status for e in held] == ["done", "done"]
     assert all(e.reason.startswith("10 sent; listed in a digest by change type, userid and time: no template "
                                    "for change_type 'update_user'") for e in held)
+
+
+def test_status_and_metrics_show_held_deliveries_and_when_their_digest_goes(department, poster):
+    from ops import metrics
+
+    clock = Clock(T0)
+    worker = digest_worker(department, clock, digest_window=60)
+    poster("first")
+    department.drain(worker)
+    poster("held1", "update_user", n=1)
+    department.drain(worker)
+    held = [e for e in rows(department.engine, schema.events) if e.user_id == "held1"][0]
+
+    result = department.test_cli_runner().invoke(args=["status"])
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    held_line = next(line for line in lines if " update_user " in line)
+    assert held_line.split()[-3:] == ["held", "10", "held"]
+    assert "          10 held for digest until 2024-03-05 10:01:00" in lines
+    assert lines[-1] == ("digest: 10 deliveries held for 10 recipient(s), the next digest at 2024-03-05 10:01:00")
+    result = department.test_cli_runner().invoke(args=["status", "--event", str(held.id)])
+    assert result.output.count("held for digest until 2024-03-05 10:01:00") == 10
+
+    body = metrics.exposition(department.engine)[0].decode()
+    assert "wecom_mailer_held_deliveries 10.0" in body
+    assert 'wecom_mailer_deliveries{status="held"} 10.0' in body
+    clock.advance(60)
+    department.drain(worker)
+    body = metrics.exposition(department.engine)[0].decode()
+    assert "wecom_mailer_held_deliveries 0.0" in body
+    assert 'wecom_mailer_digests_total{outcome="sent"}' in body
