@@ -2,7 +2,7 @@
 
     python bench/run.py                 # every row at full size (a few minutes)
     python bench/run.py --quick         # smaller sizes, shorter loads
-    python bench/run.py --only fanout   # one or more of: ingest, fanout, e2e, growth
+    python bench/run.py --only fanout   # one or more of: ingest, fanout, e2e, growth, digest
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sqlalchemy as sa  # noqa: E402
 
 from bench import harness as h  # noqa: E402
+from bench.digest import digest  # noqa: E402
 from bench.sink import Sink  # noqa: E402
 
-SECTIONS = ("ingest", "fanout", "e2e", "growth")
+SECTIONS = ("ingest", "fanout", "e2e", "growth", "digest")
 
 
 @dataclass
@@ -579,8 +580,10 @@ def main() -> int:
     parser.add_argument("--e2e-sizes", help="comma list of department sizes for the end-to-end rows")
     parser.add_argument("--growth-rows", type=int, help="rows already in each table for the growth rows")
     parser.add_argument("--repeats", type=int, help="fan-out rounds (best of) per size")
+    parser.add_argument("--digest-sizes", help="comma list of department sizes for the digest's isolated rows")
     args = parser.parse_args()
-    overrides = {key: getattr(args, key) for key in ("fanout_sizes", "e2e_sizes", "growth_rows", "repeats")}
+    overrides = {key: getattr(args, key) for key in ("fanout_sizes", "e2e_sizes", "growth_rows", "repeats",
+                                                     "digest_sizes")}
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
@@ -588,9 +591,11 @@ def main() -> int:
     if args.quick:
         args.load_seconds, args.requests, args.repeats, args.naive_cap = 3, 25_000, 2, 500
         args.fanout_sizes, args.e2e_sizes, args.growth_rows = [300, 1000], [10, 100, 1000], 100_000
+        args.digest_sizes = [50, 300]
     else:
         args.load_seconds, args.requests, args.repeats, args.naive_cap = 5, 40_000, 3, 3000
         args.fanout_sizes, args.e2e_sizes, args.growth_rows = [1000, 10000], [10, 100, 1000, 10000], 1_000_000
+        args.digest_sizes = [50, 1000]
     for key, value in overrides.items():
         if value:
             setattr(args, key, [int(n) for n in value.split(",")] if key.endswith("sizes") else value)
@@ -606,7 +611,8 @@ def main() -> int:
         f"{os.cpu_count()} cores; load {os.getloadavg()[0]:.2f}")
     with Sink() as sink, WeComStandIn(h.CORP_ID, h.SECRET, {}) as standin:
         run = Run(args, sink, standin)
-        for name, section in (("ingest", ingest), ("fanout", fanout), ("e2e", end_to_end), ("growth", growth)):
+        for name, section in (("ingest", ingest), ("fanout", fanout), ("e2e", end_to_end), ("growth", growth),
+                              ("digest", digest)):
             if name in args.only:
                 section(run)
     print_table(run)
