@@ -21,6 +21,7 @@ from store.snapshots import member_names
 
 log = logging.getLogger("wecom_mailer.worker")
 BATCH = 50  # digests claimed and sent per flush
+TEMPLATES_RETRY_SECONDS = 30.0
 
 
 def active(settings) -> bool:
@@ -64,8 +65,10 @@ def send_due(worker) -> bool:
     try:
         templates = templates_repo.load_templates(worker.template_engine, settings.template_table,
                                                   settings.template_app)
-    except DBAPIError as exc:  # the digests stay due: the next loop tries again
-        log.warning("digests wait: template database unavailable (%s)", exc.orig.__class__.__name__)
+    except DBAPIError as exc:  # the digests stay due; nothing is claimed until the templates can be read
+        worker.digests_paused_until = time.monotonic() + TEMPLATES_RETRY_SECONDS
+        log.warning("digests wait %.0f s: template database unavailable (%s)", TEMPLATES_RETRY_SECONDS,
+                    exc.orig.__class__.__name__)
         return False
     keeper = LeaseKeeper(engine, None, worker.owner, settings.lease_seconds, worker.clock,
                          renew=digests.renew_leases, what="digests")

@@ -48,7 +48,7 @@ class Worker:
         self.thread: threading.Thread | None = None  # set by start()
         self.digest_on = digest.active(settings)
         self._snapshots_due = 0.0
-        self._digests_due = 0.0
+        self.digests_paused_until = 0.0  # monotonic; the flush waits (digest off, template database down)
 
     # -- loop ----------------------------------------------------------------------------------
 
@@ -100,10 +100,10 @@ class Worker:
     def run_digests_once(self) -> bool:
         """Send the digests that are due; True when there were some. With the digest off, only once a
         minute: deliveries held before it was turned off still go."""
+        if time.monotonic() < self.digests_paused_until:
+            return False
         if not self.digest_on:
-            if time.monotonic() < self._digests_due:
-                return False
-            self._digests_due = time.monotonic() + LEFTOVER_DIGESTS_SECONDS
+            self.digests_paused_until = time.monotonic() + LEFTOVER_DIGESTS_SECONDS
         return digest.send_due(self)
 
     def run_event_once(self) -> bool:

@@ -159,3 +159,21 @@ def test_concurrent_seeding_adds_each_row_once(db_url):
     assert sum(added) == 4
     with engines[0].connect() as conn:
         assert conn.execute(sa.text(f"SELECT COUNT(*) FROM {TABLE}")).scalar_one() == 4
+
+
+def test_the_readmes_sql_adds_the_digest_row_as_seeding_would(mysql_url):
+    """README shows the INSERT for an existing table: on MariaDB it stores exactly the seeded row."""
+    import re
+
+    from support import ROOT
+
+    engine = db.make_engine(mysql_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE {TABLE} (app VARCHAR(64), change_type VARCHAR(64), "
+                             "email_title VARCHAR(255), email_body TEXT) CHARACTER SET utf8mb4"))
+    readme = (ROOT / "README.md").read_text()
+    [sql] = re.findall(r"```sql\n(INSERT INTO ipaas_email_template.*?;)\n```", readme, re.S)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(sql.replace("%", "%%"))
+    assert load_template(engine, TABLE, APP, "digest") == EmailTemplate(*DIGEST_ROW[1:])
+    assert seed_templates(engine, TABLE, APP) == 3  # the original three; the digest row is there
