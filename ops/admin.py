@@ -200,6 +200,8 @@ def _due_soon(event: dict, deliveries: list[dict]) -> bool:
     soon = time.time() + REFRESH_WITHIN_SECONDS
     if event["status"] == "pending":
         return event["next_attempt_at"] <= soon
+    if event["status"] == "sending" and not any(d["status"] in DELIVERY_OPEN for d in deliveries):
+        return True  # its round has sent the last one and is finishing it: done (or held) in a moment
     return any(d["status"] in (*DELIVERY_OPEN, "held") and d["next_attempt_at"] <= soon for d in deliveries)
 
 

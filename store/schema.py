@@ -45,7 +45,7 @@ events = Table(
     Column("finished_at", Double),
     Column("lease_owner", String(64)),
     Column("lease_until", Double),
-    Column("held_rows", Integer, nullable=False, default=0, server_default="0"),  # deliveries still held
+    Column("held_rows", Integer, nullable=False, server_default="0"),  # deliveries still held for a digest
     UniqueConstraint("dedup_key", name="uq_wm_events_dedup"),
     Index("ix_wm_events_due", "status", "next_attempt_at"),
 )
