@@ -172,6 +172,9 @@ class SmtpSession:
         self.pending = nxt is not None
         if code == 250:
             return mailer.SENT, nxt, halt
+        # A refused message ends its transaction (RFC 5321 4.1.1.4), but not every server forgets the sender:
+        # RSET before the next one costs nothing and spares a "503 nested MAIL command".
+        self.dirty = nxt is None
         self._closing(code)
         return mailer.refusal(code, text, self.settings), nxt, halt
 

@@ -19,6 +19,12 @@ ORIGINAL_ROWS = (
     ("update_user", "更新成员", "更新时间：{createtime}\\n 更新成员 ID：{userid}"),
     ("delete_user", "删除成员", "删除时间：{createtime}\\n 删除成员 ID：{userid}"),
 )
+# The digest's row (DIGEST_WINDOW_SECONDS, QUIET_HOURS): `init-db --seed-templates` adds it beside the
+# original three, and without it in the table the digest says the same (delivery/digest_message.py).
+DIGEST_ROW = ("digest", "通讯录变更汇总：{count} 项 ({count} contact changes)",
+              "{first_time} 至 {last_time} 共有 {count} 项通讯录变更：\\n"
+              "{count} contact changes from {first_time} to {last_time}:\\n\\n{changes}")
+SEEDED_ROWS = ORIGINAL_ROWS + (DIGEST_ROW,)
 DEFAULT_TZ = "Asia/Shanghai"
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 PLACEHOLDERS = ("createtime", "change_type", "changetype") + tuple(f.lower() for f in MEMBER_FIELDS)
@@ -44,8 +50,17 @@ def load_template(engine: Engine, table: str, app: str, change_type: str) -> Ema
     return None if row is None else EmailTemplate(row.email_title or "", row.email_body or "")
 
 
+def load_templates(engine: Engine, table: str, app: str) -> dict[str, EmailTemplate]:
+    """Every row of `app`, by change type (one read, for a digest that lists several kinds of change)."""
+    t = template_table(table)
+    with engine.connect() as conn:
+        rows = conn.execute(sa.select(t.c.change_type, t.c.email_title, t.c.email_body).where(t.c.app == app))
+        return {row.change_type: EmailTemplate(row.email_title or "", row.email_body or "") for row in rows}
+
+
 def seed_templates(engine: Engine, table: str, app: str) -> int:
-    """Create the template table if missing and add the original rows `app` lacks; return rows added."""
+    """Create the template table if missing and add the rows `app` lacks (the original three and the
+    digest's); return rows added."""
     try:
         return _seed_once(engine, template_table(table), app)
     except IntegrityError:
@@ -59,7 +74,7 @@ def _seed_once(engine: Engine, t: sa.Table, app: str) -> int:
         # A pre-existing table may lack the unique key, so look before inserting.
         present = set(conn.execute(sa.select(t.c.change_type).where(t.c.app == app)).scalars())
         missing = [{"app": app, "change_type": change_type, "email_title": title, "email_body": body}
-                   for change_type, title, body in ORIGINAL_ROWS if change_type not in present]
+                   for change_type, title, body in SEEDED_ROWS if change_type not in present]
         if missing:
             conn.execute(t.insert(), missing)
     return len(missing)
@@ -72,13 +87,18 @@ def event_values(change: ContactChange, tz: tzinfo | None, name_fallback: str = 
     values["userid"] = change.user_id or values["userid"]
     values["name"] = values["name"] or name_fallback
     values["change_type"] = values["changetype"] = change.change_type
-    if change.create_time is not None:
-        try:
-            moment = datetime.fromtimestamp(change.create_time, tz or ZoneInfo(DEFAULT_TZ))
-            values["createtime"] = moment.strftime(TIME_FORMAT)
-        except (OverflowError, OSError, ValueError):
-            values["createtime"] = str(change.create_time)  # beyond datetime's range: show it as sent
+    values["createtime"] = format_time(change.create_time, tz)
     return values
+
+
+def format_time(create_time: int | None, tz: tzinfo | None) -> str:
+    """A CreateTime as `{createtime}` shows it: %Y-%m-%d %H:%M:%S in TIMEZONE ('' when the event has none)."""
+    if create_time is None:
+        return ""
+    try:
+        return datetime.fromtimestamp(create_time, tz or ZoneInfo(DEFAULT_TZ)).strftime(TIME_FORMAT)
+    except (OverflowError, OSError, ValueError):
+        return str(create_time)  # beyond datetime's range: show it as sent
 
 
 def render(text: str, values: dict[str, str]) -> str:

@@ -61,7 +61,8 @@ def service_env(database_url: str, api_base: str, smtp_port: int, **overrides) -
         "DATABASE_URL": database_url, "MAIL_BACKEND": "smtp", "SMTP_HOST": "127.0.0.1",
         "SMTP_PORT": str(smtp_port), "SMTP_SECURITY": "none", "MAIL_FROM": MAIL_FROM,
         "LOG_LEVEL": "INFO", "WORKER_IN_WEB": "false",
-        # Every round mails the same members again: the digest would hold them; no background listing either.
+        # One mail per event and no background listing, as these rows measure; the digest's and reconciliation's
+        # own rows (bench/digest.py, bench/reconcile_round.py) set theirs.
         "DIGEST_WINDOW_SECONDS": "0", "RECONCILE_SECONDS": "0",
     }
     env.update({key: str(value) for key, value in overrides.items()})

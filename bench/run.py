@@ -2,7 +2,7 @@
 
     python bench/run.py                 # every row at full size (a few minutes)
     python bench/run.py --quick         # smaller sizes, shorter loads
-    python bench/run.py --only fanout   # one or more of: ingest, fanout, e2e, growth, reconcile, pace
+    python bench/run.py --only fanout   # one or more of: ingest, fanout, e2e, growth, reconcile, digest, pace
 """
 from __future__ import annotations
 
@@ -20,11 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sqlalchemy as sa  # noqa: E402
 
 from bench import harness as h  # noqa: E402
+from bench.digest import digest  # noqa: E402
 from bench.pace import pace  # noqa: E402
 from bench.reconcile_round import reconcile  # noqa: E402
 from bench.sink import Sink  # noqa: E402
 
-SECTIONS = ("ingest", "fanout", "e2e", "growth", "reconcile", "pace")
+SECTIONS = ("ingest", "fanout", "e2e", "growth", "reconcile", "digest", "pace")
 
 
 @dataclass
@@ -584,9 +585,10 @@ def main() -> int:
     parser.add_argument("--reconcile-size", type=int, help="members of the reconciled department (10,000)")
     parser.add_argument("--reconcile-event-size", type=int,
                         help="members of the department whose event arrives during a round (1,000)")
+    parser.add_argument("--digest-sizes", help="comma list of department sizes for the digest's isolated rows")
     args = parser.parse_args()
     overrides = {key: getattr(args, key) for key in ("fanout_sizes", "e2e_sizes", "growth_rows", "repeats",
-                                                     "reconcile_size", "reconcile_event_size")}
+                                                     "reconcile_size", "reconcile_event_size", "digest_sizes")}
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
@@ -595,11 +597,11 @@ def main() -> int:
     if args.quick:
         args.load_seconds, args.requests, args.repeats, args.naive_cap = 3, 25_000, 2, 500
         args.fanout_sizes, args.e2e_sizes, args.growth_rows = [300, 1000], [10, 100, 1000], 100_000
-        args.reconcile_size, args.reconcile_event_size = 10_000, 300
+        args.reconcile_size, args.reconcile_event_size, args.digest_sizes = 10_000, 300, [50, 300]
     else:
         args.load_seconds, args.requests, args.repeats, args.naive_cap = 5, 40_000, 3, 3000
         args.fanout_sizes, args.e2e_sizes, args.growth_rows = [1000, 10000], [10, 100, 1000, 10000], 1_000_000
-        args.reconcile_size, args.reconcile_event_size = 10_000, 1000
+        args.reconcile_size, args.reconcile_event_size, args.digest_sizes = 10_000, 1000, [50, 1000]
     for key, value in overrides.items():
         if value:
             setattr(args, key, [int(n) for n in value.split(",")] if key.endswith("sizes") else value)
@@ -616,7 +618,7 @@ def main() -> int:
     with Sink() as sink, WeComStandIn(h.CORP_ID, h.SECRET, {}) as standin:
         run = Run(args, sink, standin)
         for name, section in (("ingest", ingest), ("fanout", fanout), ("e2e", end_to_end), ("growth", growth),
-                              ("reconcile", reconcile), ("pace", pace)):
+                              ("reconcile", reconcile), ("digest", digest), ("pace", pace)):
             if name in args.only:
                 section(run)
     print_table(run)

@@ -10,7 +10,7 @@ import mailer
 from delivery import retry
 from delivery.limits import daily_limit_reason, next_day_start
 from delivery.sending import send_batch
-from store import outbox
+from store import outbox, recipients
 
 log = logging.getLogger("wecom_mailer.worker")
 
@@ -45,6 +45,7 @@ def send_event(worker, row, started: float) -> None:
     subject, body = outbox.event_message(engine, row.id)
     by_id = {d.id: d for d in due}
     tally, marks = Tally(), outbox.DeliveryMarks(engine)
+    mailed: list[str] = []  # addresses sent to, whose digest window then runs from the end of the round
 
     def record(item: mailer.Outgoing, result: mailer.SendResult) -> bool:
         """Mark one delivery (durably, before the next content goes out); False once the lease is lost."""
@@ -57,17 +58,23 @@ def send_event(worker, row, started: float) -> None:
             values = retry.outcome(settings, result, delivery.attempts, delivery.first_attempt_at, now)
         marks.mark(delivery.id, **values)
         tally.add(values)
+        if values["status"] == "sent" and worker.digest_on:
+            mailed.append(delivery.address)
         if worker.metrics:
             worker.metrics.delivery(values["status"])
         return not worker.lease.lost.is_set()
 
     items = [mailer.Outgoing(d.id, d.address, d.name, subject, body) for d in due]
+    halt = None
     try:
-        halt = send_batch(settings, items, record, stop=worker.stop, pool=worker.smtp_pool, gate=worker.gate)
+        if items:  # every recipient held for a digest: nothing to send, no connection to check
+            halt = send_batch(settings, items, record, stop=worker.stop, pool=worker.smtp_pool, gate=worker.gate)
     finally:
         marks.close()
     if worker.metrics and settings.smtp_max_per_day:
         worker.metrics.sent_today(worker.gate.used_today())
+    if mailed:
+        recipients.push_windows(engine, mailed, worker.clock() + settings.digest_window)
     if worker.lease.lost.is_set():
         log.warning("event %s: lease lost during sending; another worker continues", row.id)
         return
@@ -75,14 +82,16 @@ def send_event(worker, row, started: float) -> None:
         _schedule_untried(worker, row, halt, tally)
     next_due = outbox.next_open_delivery_at(engine, row.id)
     counts = outbox.delivery_counts(engine, row.id)
-    summary = (f"{tally.sent} sent, {counts.get('skipped', 0)} skipped (no address), "
-               f"{tally.failed} failed, {tally.retried} to retry")
+    held = f", {counts['held']} held for digest" if counts.get("held") else ""
+    summary = (f"{tally.sent} sent{' at once' if held else ''}{held}, {counts.get('skipped', 0)} skipped "
+               f"(no address), {tally.failed} failed, {tally.retried} to retry")
     if next_due is None:
-        outbox.update_event(engine, row.id, worker.owner, status="done", finished_at=worker.clock(),
-                            reason=_final_reason(counts))
-        worker.observe_event("done")
+        status = outbox.settle_event(engine, row.id, worker.owner, worker.clock(), outbox.counts_reason(counts))
+        if status == "done":
+            worker.observe_event("done")
     else:
-        outbox.update_event(engine, row.id, worker.owner, next_attempt_at=next_due, reason=_final_reason(counts))
+        outbox.update_event(engine, row.id, worker.owner, next_attempt_at=next_due,
+                            reason=outbox.counts_reason(counts))
     waited = f", {worker.gate.waited:.1f} s waiting for SMTP_MAX_PER_MINUTE" if worker.gate.waited else ""
     worker.gate.waited = 0.0
     log.info("event %s %s userid=%s: %s in %.1f s%s", row.id, row.change_type, row.user_id, summary,
@@ -112,7 +121,3 @@ def _schedule_untried(worker, row, halt, tally: Tally) -> None:
     outbox.postpone_untried(worker.engine, row.id, until, give_up_before=now - hours * 3600, now=now,
                             reason=f"gave up after RETRY_MAX_HOURS ({hours:g} h): the SMTP connection "
                                    "kept failing before this message could be tried")
-
-
-def _final_reason(counts: dict[str, int]) -> str:
-    return ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))

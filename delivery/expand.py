@@ -8,7 +8,7 @@ from sqlalchemy.exc import DBAPIError
 import templates_repo
 import wecom
 import wecom_api
-from delivery import announced
+from delivery import announced, digest
 from store import addressbook, outbox
 from store.snapshots import load_snapshots
 
@@ -56,7 +56,9 @@ def expand(worker, row) -> bool:
     rows = [{"userid": member.userid[:64], "name": member.name[:255], "address": address,
              "status": "pending" if address else "skipped", "reason": None if address else "no address"}
             for member, address in resolved]
-    if not outbox.expand_event(worker.engine, row.id, worker.owner, subject, body, rows, now=worker.clock()):
+    # With the digest on, each recipient's row goes at once or is held, decided in the same transaction.
+    if not outbox.expand_event(worker.engine, row.id, worker.owner, subject, body, rows, now=worker.clock(),
+                               hold=digest.hold_for(worker)):
         log.warning("event %s: lease lost while expanding; another worker has it", row.id)
         return False
     return True

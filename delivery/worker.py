@@ -11,7 +11,7 @@ import uuid
 from sqlalchemy.exc import DBAPIError
 
 import wecom_api
-from delivery import retry
+from delivery import digest, retry
 from delivery.event_round import send_event
 from delivery.expand import expand
 from delivery.lease import LeaseKeeper
@@ -26,6 +26,7 @@ from store.snapshots import load_snapshots, save_snapshot
 log = logging.getLogger("wecom_mailer.worker")
 POLL_SECONDS = 1.0
 SNAPSHOT_RETRY_SECONDS = 60.0
+LEFTOVER_DIGESTS_SECONDS = 60.0  # with the digest off: how often to look for what was held before
 
 
 class Worker:
@@ -47,7 +48,9 @@ class Worker:
         self.gate = Gate(engine, settings, lambda: self.clock(), self.stop)
         self.lease: LeaseKeeper | None = None  # the lease on the event in hand
         self.thread: threading.Thread | None = None  # set by start()
+        self.digest_on = digest.active(settings)
         self._snapshots_due = 0.0
+        self.digests_paused_until = 0.0  # monotonic; the flush waits (digest off, template database down)
         # Its own WeCom client: a round runs in a thread of its own, beside this loop's listings.
         self.reconciler = Reconciler(settings, engine, reconcile_client or client, self.owner, metrics,
                                      stop=self.stop, on_announced=self.wakeup.set)
@@ -97,6 +100,20 @@ class Worker:
         log.info("delivery worker %s stopped", self.owner)
 
     def run_once(self) -> bool:
+        """Process one due event, if any, then send the digests that are due; True when there was work."""
+        handled = self.run_event_once()
+        return self.run_digests_once() or handled
+
+    def run_digests_once(self) -> bool:
+        """Send the digests that are due; True when there were some. With the digest off, only once a
+        minute: deliveries held before it was turned off still go."""
+        if time.monotonic() < self.digests_paused_until:
+            return False
+        if not self.digest_on:
+            self.digests_paused_until = time.monotonic() + LEFTOVER_DIGESTS_SECONDS
+        return digest.send_due(self)
+
+    def run_event_once(self) -> bool:
         """Process one due event, if any; True when there was one."""
         row = outbox.claim_event(self.engine, self.owner, self.settings.lease_seconds, now=self.clock())
         if row is None:

@@ -26,7 +26,7 @@ bp = Blueprint("admin", __name__, url_prefix="/admin")  # pages: templates/admin
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 MAX_ID = 2**63 - 1  # ids are BIGINT; a larger number in a URL is a 404, not an overflow in the driver
 LABELS = {"pending": "待处理", "sending": "发送中", "done": "完成", "failed": "失败", "skipped": "跳过",
-          "ignored": "忽略", "retry": "待重试", "sent": "已发送"}
+          "ignored": "忽略", "retry": "待重试", "sent": "已发送", "held": "待汇总"}
 SAMPLE = {"userid": "zhangsan", "name": "张三", "create_time": 1700000000}  # 2023-11-15 06:13:20 Asia/Shanghai
 REFRESH_WITHIN_SECONDS = 60  # the event page refreshes itself while something is due this soon
 
@@ -177,6 +177,7 @@ def events():
     rows = report.recent_events(_engine(), limit, status, delivery)
     by_event, by_delivery = report.status_totals(_engine())
     return render_template("admin/events.html", rows=rows, by_event=by_event, by_delivery=by_delivery,
+                           digest=report.digest_summary(_engine()),
                            status=status, delivery=delivery, limit=limit, requeued=_requeued(),
                            event_statuses=EVENT_STATUSES, delivery_statuses=DELIVERY_STATUSES)
 
@@ -190,8 +191,9 @@ def event(event_id: int):
     status = _choice(request.args.get("status"), DELIVERY_STATUSES)
     rows = report.event_deliveries(_engine(), event_id, status)
     counts = outbox.delivery_counts(_engine(), event_id)
+    held_until = min((d["next_attempt_at"] for d in rows if d["status"] == "held"), default=None)
     return render_template("admin/event.html", event=row, deliveries=rows, counts=counts, status=status,
-                           delivery_statuses=DELIVERY_STATUSES, requeued=_requeued(),
+                           delivery_statuses=DELIVERY_STATUSES, requeued=_requeued(), held_until=held_until,
                            refresh=_due_soon(row, rows), open_statuses=DELIVERY_OPEN)
 
 
@@ -201,7 +203,7 @@ def _due_soon(event: dict, deliveries: list[dict]) -> bool:
     soon = time.time() + REFRESH_WITHIN_SECONDS
     if event["status"] in EVENT_OPEN and event["next_attempt_at"] <= soon:
         return True
-    return any(d["status"] in DELIVERY_OPEN and d["next_attempt_at"] <= soon for d in deliveries)
+    return any(d["status"] in (*DELIVERY_OPEN, "held") and d["next_attempt_at"] <= soon for d in deliveries)
 
 
 def _requeued() -> tuple[int, int] | None:

@@ -31,7 +31,7 @@ def _services() -> services.Services:
 
 @click.command("init-db")
 @click.option("--seed-templates", is_flag=True,
-              help="Also create the template table with the three original rows where missing.")
+              help="Also create the template table with the three original rows and the digest's where missing.")
 @with_appcontext
 def init_db(seed_templates: bool) -> None:
     """Create or upgrade the state tables (safe to run any time, from several machines at once)."""

@@ -15,7 +15,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy.exc import DBAPIError
 
-from store.schema import DELIVERY_OPEN, EVENT_OPEN, deliveries, events
+from store.schema import DELIVERY_OPEN, EVENT_OPEN, deliveries, digests, events
 
 CALLBACKS = Counter("wecom_mailer_callbacks_total", "Callbacks answered, by outcome and reason",
                     ["outcome", "reason"])
@@ -24,6 +24,7 @@ ACK_SECONDS = Histogram("wecom_mailer_callback_seconds", "Time to answer a callb
 DELIVERIES = Counter("wecom_mailer_deliveries_total", "Delivery attempts by outcome (sent, retry, failed)",
                      ["outcome"])
 EVENTS = Counter("wecom_mailer_events_finished_total", "Events finished, by final status", ["status"])
+DIGESTS = Counter("wecom_mailer_digests_total", "Digest mails by outcome (sent, retry, failed)", ["outcome"])
 SENT_TODAY = Gauge("wecom_mailer_smtp_sent_today",
                    "Messages counted against SMTP_MAX_PER_DAY today (kept only while a daily limit is set)",
                    multiprocess_mode="mostrecent")
@@ -54,6 +55,10 @@ class Recorder:
     @staticmethod
     def event_finished(status: str) -> None:
         EVENTS.labels(status).inc()
+
+    @staticmethod
+    def digest(outcome: str) -> None:
+        DIGESTS.labels(outcome).inc()
 
     @staticmethod
     def throttle_pause() -> None:
@@ -105,7 +110,7 @@ class OutboxCollector:
             up.add_metric([], 0)
             yield up
             return
-        by_event, by_delivery, oldest = counts
+        by_event, by_delivery, oldest, next_digest = counts
         up.add_metric([], 1)
         yield up
         for name, rows in (("events", by_event), ("deliveries", by_delivery)):
@@ -116,6 +121,11 @@ class OutboxCollector:
             yield family
         depth = sum(count for status, count in by_delivery if status in DELIVERY_OPEN)
         yield GaugeMetricFamily("wecom_mailer_queue_depth", "Open deliveries (pending or retry)", value=depth)
+        held = sum(count for status, count in by_delivery if status == "held")
+        yield GaugeMetricFamily("wecom_mailer_held_deliveries", "Deliveries held for a digest", value=held)
+        yield GaugeMetricFamily("wecom_mailer_next_digest_seconds",
+                                "Seconds until the next digest is due (0 when none waits or one is due)",
+                                value=max(next_digest - time.time(), 0) if next_digest else 0)
         yield GaugeMetricFamily("wecom_mailer_oldest_open_event_seconds",
                                 "Age of the oldest event not yet finished (0 when none)",
                                 value=time.time() - oldest if oldest else 0)
@@ -131,7 +141,8 @@ class OutboxReading:
         self._counts = None
 
     def get(self):
-        """(events by status, deliveries by status, oldest open event's received_at), or None: database down."""
+        """(events by status, deliveries by status, oldest open event's received_at, the next digest's due
+        time), or None: the database is down."""
         with self._lock:  # one query at a time per process, however many scrapes arrive together
             if time.monotonic() - self._read_at >= GAUGE_SECONDS:
                 self._counts = self._query()
@@ -148,9 +159,11 @@ class OutboxReading:
                                            .group_by(deliveries.c.status)).all()
                 oldest = conn.execute(sa.select(sa.func.min(events.c.received_at))
                                       .where(events.c.status.in_(EVENT_OPEN))).scalar()
+                next_digest = conn.execute(sa.select(sa.func.min(digests.c.due_at))
+                                           .where(digests.c.status == "collecting")).scalar()
         except DBAPIError:
             return None
-        return by_event, by_delivery, oldest
+        return by_event, by_delivery, oldest, next_digest
 
 
 _readings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

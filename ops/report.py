@@ -6,7 +6,7 @@ from datetime import datetime, tzinfo
 
 import sqlalchemy as sa
 
-from store.schema import address_book, deliveries, events, leases, template_table
+from store.schema import address_book, deliveries, digests, events, leases, template_table
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
@@ -35,9 +35,33 @@ def recent_events(engine, limit: int = 20, status: str | None = None,
                     sa.select(deliveries.c.event_id, deliveries.c.status, sa.func.count())
                     .where(deliveries.c.event_id.in_(ids)).group_by(deliveries.c.event_id, deliveries.c.status)):
                 counts[event_id][state] = count
+        held = dict(conn.execute(sa.select(deliveries.c.event_id, sa.func.min(deliveries.c.next_attempt_at))
+                                 .where(deliveries.c.event_id.in_(ids), deliveries.c.status == "held")
+                                 .group_by(deliveries.c.event_id)).all()) if ids else {}
     for row in rows:
         row["counts"] = counts[row["id"]]
+        row["held_until"] = held.get(row["id"])  # when the first of its held deliveries goes (in a digest)
     return rows
+
+
+def digest_summary(engine) -> dict:
+    """What waits for a digest: held deliveries, for how many recipients, when the next digest is due."""
+    with engine.connect() as conn:
+        held = conn.execute(sa.select(sa.func.count()).select_from(deliveries)
+                            .where(deliveries.c.status == "held")).scalar_one()
+        recipients, next_at = conn.execute(sa.select(sa.func.count(sa.distinct(digests.c.address)),
+                                                     sa.func.min(digests.c.due_at))
+                                           .where(digests.c.status.in_(("collecting", "sending")))).one()
+        problem = conn.execute(sa.select(digests.c.id, digests.c.reason)
+                               .where(digests.c.status == "sent", digests.c.reason.is_not(None))
+                               .order_by(digests.c.id.desc()).limit(1)).first()
+    return {"held": held, "recipients": recipients, "next_at": next_at,
+            "problem": f"digest {problem.id}: {problem.reason}" if problem else None}
+
+
+def held_line(until: float | None, tz: tzinfo) -> str:
+    """How an operator reads a held delivery's schedule."""
+    return f"held for digest until {local_time(until, tz)}"
 
 
 def event_deliveries(engine, event_id: int, status: str | None = None) -> list[dict]:
@@ -115,7 +139,9 @@ def status_lines(engine, tz: tzinfo, event_id: int | None = None, limit: int = 2
         if not rows:
             return [f"event {event_id}: no deliveries (unknown event, or not expanded yet)"]
         return [f"{r['id']:>8}  {r['status']:<8} {r['userid']:<20} {r['address'] or '-':<32} "
-                f"attempts={r['attempts']} {r['reason'] or ''}".rstrip() for r in rows]
+                f"attempts={r['attempts']} "
+                f"{held_line(r['next_attempt_at'], tz) if r['status'] == 'held' else r['reason'] or ''}".rstrip()
+                for r in rows]
     rows = recent_events(engine, limit)
     if not rows:
         return ["no events recorded yet"]
@@ -128,8 +154,16 @@ def status_lines(engine, tz: tzinfo, event_id: int | None = None, limit: int = 2
         if r["status"] in ("failed", "skipped") or (r["status"] == "pending" and r["attempts"]) or \
                 (r["status"] == "ignored" and (r["reason"] or "").startswith("already announced")):
             lines.append(f"{'':>10}reason: {r['reason']}")
+        if r["held_until"] is not None:
+            lines.append(f"{'':>10}{r['counts']['held']} {held_line(r['held_until'], tz)}")
     lines.extend(limit_lines(engine, tz))
     failed = [d for r in rows if r["counts"].get("failed") for d in event_deliveries(engine, r["id"], "failed")]
     for d in failed[:20]:
         lines.append(f"  failed delivery {d['id']} (event {d['event_id']}) to {d['address']}: {d['reason']}")
+    summary = digest_summary(engine)
+    if summary["held"]:
+        lines.append(f"digest: {summary['held']} deliveries held for {summary['recipients']} recipient(s), "
+                     f"the next digest at {local_time(summary['next_at'], tz)}")
+    if summary["problem"]:
+        lines.append(f"digest: last problem: {summary['problem']}")
     return lines

@@ -9,6 +9,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
+from store import recipients
 from store.db import StateUnavailable, autocommit_engine, with_retries
 from store.migrate import ensure_schema
 from store.schema import DELIVERY_OPEN, EVENT_OPEN, deliveries, events, insert_ignore
@@ -106,28 +107,36 @@ def update_event(engine: Engine, event_id: int, owner: str, release: bool = True
 # --- deliveries ----------------------------------------------------------------------------
 
 def expand_event(engine: Engine, event_id: int, owner: str, subject: str, body: str,
-                 rows: list[dict], now: float | None = None) -> bool:
-    """Write one delivery row per recipient and move the event to `sending`, in one transaction."""
+                 rows: list[dict], now: float | None = None, hold: recipients.Hold | None = None) -> bool:
+    """Write one delivery row per recipient and move the event to `sending`, in one transaction; with
+    `hold` (the digest is on) each recipient's row is decided there too: at once, or held for a digest."""
     now = time.time() if now is None else now
     for row in rows:
         row.setdefault("reason", None)
-        row.update(event_id=event_id, attempts=0, next_attempt_at=0)
+        row.update(event_id=event_id, attempts=0, next_attempt_at=0, digest_id=None)
         if row["status"] != "pending":
             row["first_attempt_at"] = now
         else:
             row.setdefault("first_attempt_at", None)
+    if hold is not None:
+        recipients.ensure_recipients(engine, [r["address"] for r in rows if r["status"] == "pending"])
 
     def write():
         with engine.begin() as conn:
-            held = conn.execute(events.update()
+            ours = conn.execute(events.update()
                                 .where(events.c.id == event_id, events.c.lease_owner == owner,
                                        events.c.status == "pending")
                                 .values(status="sending", subject=subject, body=body, reason=None)).rowcount
-            if held != 1:
+            if ours != 1:
                 conn.rollback()
                 return False
-            for start in range(0, len(rows), 1000):
-                conn.execute(insert_ignore(deliveries), rows[start:start + 1000])
+            written, held_rows = rows, 0
+            if hold is not None:  # after the event's row: every transaction locks events before recipients
+                written, held_rows = recipients.hold_rows(conn, rows, hold)
+            for start in range(0, len(written), 1000):
+                conn.execute(insert_ignore(deliveries), written[start:start + 1000])
+            if held_rows:
+                conn.execute(events.update().where(events.c.id == event_id).values(held_rows=held_rows))
             return True
     return with_retries(write)
 
@@ -223,6 +232,11 @@ def wait_for_quota(engine: Engine, event_id: int, until: float, reason: str, now
     return with_retries(write)
 
 
+def counts_reason(counts: dict[str, int]) -> str:
+    """An event's reason from its delivery counts: '3 sent, 1 skipped'."""
+    return ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+
+
 def delivery_counts(engine: Engine, event_id: int) -> dict[str, int]:
     """Deliveries of one event by status."""
     with engine.connect() as conn:
@@ -230,6 +244,20 @@ def delivery_counts(engine: Engine, event_id: int) -> dict[str, int]:
                             .where(deliveries.c.event_id == event_id)
                             .group_by(deliveries.c.status)).all()
     return {status: count for status, count in rows}
+
+
+def settle_event(engine: Engine, event_id: int, owner: str, now: float, reason: str) -> str | None:
+    """An event without open deliveries: `done`, or `held` while deliveries of it wait for a digest (the
+    digest that carries the last of them finishes it). Decided in one UPDATE of the event's row, which a
+    digest finishing its rows updates too: whichever comes second sees what the first wrote. Returns the
+    status it got (None: the lease was lost)."""
+    waiting = events.c.held_rows > 0
+    if not update_event(engine, event_id, owner, reason=reason,
+                        finished_at=sa.case((waiting, None), else_=now),
+                        status=sa.case((waiting, "held"), else_="done")):
+        return None
+    with engine.connect() as conn:
+        return conn.execute(sa.select(events.c.status).where(events.c.id == event_id)).scalar()
 
 
 def next_open_delivery_at(engine: Engine, event_id: int) -> float | None:
@@ -268,7 +296,7 @@ def requeue(engine, event_id: int | None = None) -> tuple[int, int]:
                 status="pending", next_attempt_at=now, first_attempt_at=None, attempts=0, reason="requeued",
                 finished_at=None)).rowcount
             reopened = [deliveries.c.event_id == events.c.id, deliveries.c.status.in_(DELIVERY_OPEN)]
-            conn.execute(events.update().where(events.c.status.in_(("done", "failed")),
+            conn.execute(events.update().where(events.c.status.in_(("done", "failed", "held")),
                                                sa.exists().where(*reopened),
                                                *([events.c.id == event_id] if event_id is not None else []))
                          .values(status="sending", next_attempt_at=now, finished_at=None))

@@ -8,12 +8,18 @@ from sqlalchemy.dialects.mysql import MEDIUMTEXT
 metadata = MetaData()
 
 # Event status: pending (recorded, not yet expanded) → sending (deliveries written) → done;
-# or ignored / skipped / failed, with `reason`.
+# or ignored / skipped / failed, with `reason`. `held`: only deliveries held for a digest are left (the
+# digests finish it; the event round does not claim it).
 EVENT_OPEN = ("pending", "sending")
-EVENT_STATUSES = ("pending", "sending", "done", "failed", "skipped", "ignored")
-# Delivery status: pending → sent | retry → … | failed | skipped (no address).
+EVENT_STATUSES = ("pending", "sending", "held", "done", "failed", "skipped", "ignored")
+# Delivery status: pending → sent | retry → … | failed | skipped (no address); held → sent | failed in a
+# digest (wm_digests), which the digest flush sends, never the event round.
 DELIVERY_OPEN = ("pending", "retry")
-DELIVERY_STATUSES = ("pending", "retry", "sent", "failed", "skipped")
+DELIVERY_STATUSES = ("pending", "retry", "held", "sent", "failed", "skipped")
+# Digest status: collecting (held deliveries join it) → sending (leased) → sent | failed; a failed try goes
+# back to collecting; `merged` when its deliveries moved into an older digest of the same address.
+DIGEST_STATUSES = ("collecting", "sending", "sent", "failed", "merged")
+DIGEST_OPEN = ("collecting", "sending")
 
 Id = BigInteger().with_variant(Integer, "sqlite")  # SQLite autoincrements only INTEGER keys
 # MySQL's TEXT holds 64 KB; an event's XML (up to CALLBACK_MAX_BODY_BYTES) and its rendered message may not fit.
@@ -41,6 +47,7 @@ events = Table(
     Column("lease_until", Double),
     # callback: recorded from WeCom; reconcile: announced by reconciliation (delivery/reconcile.py)
     Column("source", String(16), nullable=False, default="callback", server_default="callback"),
+    Column("held_rows", Integer, nullable=False, server_default="0"),  # deliveries still held for a digest
     UniqueConstraint("dedup_key", name="uq_wm_events_dedup"),
     Index("ix_wm_events_due", "status", "next_attempt_at"),
 )
@@ -58,8 +65,10 @@ deliveries = Table(
     Column("first_attempt_at", Double),
     Column("next_attempt_at", Double, nullable=False, default=0),
     Column("sent_at", Double),
+    Column("digest_id", BigInteger),  # the digest that carries (or carried) it; NULL when sent on its own
     UniqueConstraint("event_id", "address", name="uq_wm_deliveries_event_address"),
     Index("ix_wm_deliveries_status", "status", "next_attempt_at"),
+    Index("ix_wm_deliveries_digest", "digest_id"),
 )
 
 department_snapshots = Table(
@@ -212,4 +221,31 @@ limit_locks = Table(  # one row per limit: updating it first serialises the chec
     "wm_limit_locks", metadata,
     Column("name", String(32), primary_key=True),
     Column("ticks", BigInteger, nullable=False),
+)
+
+
+# --- the per-recipient digest (DIGEST_WINDOW_SECONDS, QUIET_HOURS) ------------------------------------
+
+recipients = Table(  # one row per address mailed with the digest on: the lock every decision about it takes
+    "wm_recipients", metadata,
+    Column("address", String(320), primary_key=True),
+    Column("window_until", Double, nullable=False, default=0),  # no mail but a digest before this time
+)
+
+digests = Table(
+    "wm_digests", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("address", String(320), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("due_at", Double, nullable=False),  # when it may go (its recipient's window end, quiet hours' end)
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("first_attempt_at", Double),
+    Column("created_at", Double, nullable=False),
+    Column("sent_at", Double),
+    Column("changes", Integer, nullable=False, default=0),  # how many it carried when it went
+    Column("reason", Text),
+    Column("lease_owner", String(64)),
+    Column("lease_until", Double),
+    Index("ix_wm_digests_due", "status", "due_at"),
+    Index("ix_wm_digests_address", "address", "status"),
 )

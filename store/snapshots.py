@@ -46,3 +46,16 @@ def save_snapshot(engine: Engine, department_id: int, members, covered) -> None:
                                 .values(**snapshot)).rowcount:
                 conn.execute(insert_ignore(department_snapshots), {"department_id": department_id, **snapshot})
     with_retries(write)
+
+
+def member_names(engine: Engine, department_ids, userids) -> dict[str, str]:
+    """The names the member snapshots hold for `userids` (a digest's `{name}` fallback, as the listing is
+    at expansion)."""
+    userids = sorted(set(userids))
+    if not userids:
+        return {}
+    with engine.connect() as conn:
+        return {userid: name for userid, name in conn.execute(
+            sa.select(snapshot_members.c.userid, snapshot_members.c.name)
+            .where(snapshot_members.c.department_id.in_(list(department_ids)),
+                   snapshot_members.c.userid.in_(userids))) if name}

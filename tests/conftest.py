@@ -145,6 +145,30 @@ def service(service_env):
 
 
 @pytest.fixture
+def department(service, standin):
+    """The service with a department of ten members (user0001..user0010), each with an address."""
+    from devtools.wecom_standin import make_members
+
+    standin.set_members(DEPARTMENT, make_members(10, DEPARTMENT))
+    service.drain()  # the member snapshot
+    return service
+
+
+@pytest.fixture
+def poster(department, crypto):
+    """poster(userid, change_type="create_user", n=0): one signed callback to `department` about `userid`,
+    its CreateTime n seconds after support.CREATED_AT."""
+    from support import CREATED_AT, change_xml, signed_post
+
+    client = department.test_client()
+
+    def post(userid: str, change_type: str = "create_user", n: int = 0) -> None:
+        xml = change_xml(change_type, userid, create_time=CREATED_AT + n)
+        assert signed_post(client, crypto, xml).data == b"success"
+    return post
+
+
+@pytest.fixture
 def processes(tmp_path):
     """Start real service processes; all are stopped at the end of the test."""
     from support.processes import Launcher

@@ -337,3 +337,28 @@ def test_csv_upload_needs_csrf_and_a_readable_file(admin_app):
     page = bad.get_data(as_text=True)
     assert "book.csv has no userid and email columns" in page and "upload.csv" not in page
     assert upload(client, csrf, b"", name="").status_code == 400
+
+
+def test_held_deliveries_show_when_their_digest_goes(department, poster):
+    from support.digests import T0, Clock, digest_worker
+
+    clock = Clock(T0)
+    worker = digest_worker(department, clock, digest_window=60)
+    poster("first")
+    department.drain(worker)
+    poster("held1", "update_user", n=1)
+    department.drain(worker)
+    client = department.test_client()
+    log_in(client)
+    page = client.get("/admin/").get_data(as_text=True)
+    assert "待汇总 held" in page and "10 deliveries held for 10 recipient(s); the next digest at 2024-03-05 10:01:00" in page
+    held_event = [e for e in schema_rows(department.engine) if e.user_id == "held1"][0]
+    page = client.get(f"/admin/events/{held_event.id}").get_data(as_text=True)
+    assert "10 个待汇总 held for digest until 2024-03-05 10:01:00" in page
+    assert page.count("<td>held for digest until 2024-03-05 10:01:00</td>") == 10
+    assert client.get("/admin/?status=held").get_data(as_text=True).count('id="event-') == 1
+
+
+def schema_rows(engine):
+    with engine.connect() as conn:
+        return conn.execute(sa.select(schema.events).order_by(schema.events.c.id)).all()

@@ -40,6 +40,11 @@ BAD = [
     ("TEMPLATE_TABLE", "x; drop table y", "TEMPLATE_TABLE must be a plain table name"),
     ("CALLBACK_PATH", "wecom", "CALLBACK_PATH must start with '/'"),
     ("LOG_FORMAT", "xml", "LOG_FORMAT must be one of text, json"),
+    ("DIGEST_WINDOW_SECONDS", "-5", "DIGEST_WINDOW_SECONDS must be between 0 and 604800 (got -5)"),
+    ("DIGEST_WINDOW_SECONDS", "abc", "DIGEST_WINDOW_SECONDS must be a number"),
+    ("QUIET_HOURS", "25:00-08:00", "QUIET_HOURS must be two times HH:MM-HH:MM"),
+    ("QUIET_HOURS", "22:00", "QUIET_HOURS must be two times HH:MM-HH:MM"),
+    ("QUIET_HOURS", "08:00-08:00", "QUIET_HOURS starts and ends at the same time"),
 ]
 
 
@@ -72,6 +77,9 @@ def test_defaults_follow_the_design():
         ("/wecom/callback", 300, 262144)
     assert settings.email_sources == ("wecom", "directory", "pattern") and settings.email_pattern is None
     assert (settings.retry_backoff, settings.retry_max_hours, settings.lease_seconds) == (30, 48, 30)
+    unset = {k: v for k, v in base_env().items() if k != "DIGEST_WINDOW_SECONDS"}  # base_env turns it off
+    assert (config.from_env(unset).digest_window, settings.quiet_hours) == (60, None)  # on by default: 60 s
+    assert config.from_env(base_env(QUIET_HOURS="22:00-08:00")).quiet_hours == (22 * 60, 8 * 60)
     starttls = config.from_env(base_env(SMTP_SECURITY="starttls"))
     assert starttls.smtp_port == 587
     assert config.from_env(base_env(WECOM_DEPARTMENT_ID="2, 7,2")).department_ids == (2, 7)
@@ -102,6 +110,9 @@ FLASK = [sys.executable, "-m", "flask", "--app", "app"]
     ("WECOM_DEPARTMENT_ID", None, "WECOM_DEPARTMENT_ID is required"),
     ("RECONCILE_SECONDS", "-1", "RECONCILE_SECONDS must be between 0 and 604800 (got -1)"),
     ("RECONCILE_SECONDS", "soon", "RECONCILE_SECONDS must be a number"),
+    ("DIGEST_WINDOW_SECONDS", "-5", "DIGEST_WINDOW_SECONDS must be between 0 and 604800"),
+    ("DIGEST_WINDOW_SECONDS", "abc", "DIGEST_WINDOW_SECONDS must be a number"),
+    ("QUIET_HOURS", "25:00-08:00", "QUIET_HOURS must be two times HH:MM-HH:MM"),
 ])
 def test_flask_commands_stop_with_one_line(tmp_path, name, value, expected):
     result = _run(FLASK + ["status"], _env(name, value, DATABASE_URL=f"sqlite:///{tmp_path}/s.db"))

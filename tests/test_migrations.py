@@ -2,17 +2,21 @@
 processes starting at once upgrade it once."""
 from __future__ import annotations
 
+import collections
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 
 import wecom
 import wecom_api
-from store import db, migrate, outbox
-from support import ROOT, change_xml
+from store import db, migrate, outbox, schema
+from support import ROOT, change_xml, count, rows
+from support.digests import Clock
 from support.legacy import legacy_release
 
 LEGACY_TABLES = ("wm_events", "wm_deliveries", "wm_department_snapshots", "wm_snapshot_members",
@@ -44,12 +48,13 @@ def fill_as_the_last_release_did(legacy, engine) -> None:
 
 
 def every_row(engine, columns: dict[str, list[str]] | None = None) -> dict[str, list[tuple]]:
-    """Every row of the legacy tables; with `columns`, only those columns (later revisions add some)."""
-    inspector = sa.inspect(engine)
-    columns = columns or {name: [c["name"] for c in inspector.get_columns(name)] for name in LEGACY_TABLES}
+    """Every row of the legacy tables; with `columns`, only those columns of each ("*": all of them), as
+    later revisions add some."""
     with engine.connect() as conn:
+        columns = columns or {name: [c["name"] for c in sa.inspect(conn).get_columns(name)] for name in LEGACY_TABLES}
         return {name: sorted(tuple(row) for row in conn.execute(
-                    sa.select(sa.table(name, *map(sa.column, columns[name])))))
+                    sa.select(*(sa.text("*") if c == "*" else sa.column(c) for c in columns[name]))
+                    .select_from(sa.table(name))))
                 for name in LEGACY_TABLES}
 
 
@@ -126,3 +131,64 @@ def test_the_migrations_build_exactly_the_tables_schema_py_declares(db_url):
         differences = compare_metadata(MigrationContext.configure(conn, opts={"compare_type": True}), metadata)
     engine.dispose()
     assert differences == []
+
+
+def _lightweight(name: str, *columns: str) -> sa.TableClause:
+    return sa.table(name, *map(sa.column, columns))
+
+
+OLD_EVENTS = _lightweight("wm_events", "id", "dedup_key", "change_type", "user_id", "departments", "create_time",
+                          "xml", "status", "subject", "body", "attempts", "received_at", "next_attempt_at",
+                          "lease_owner", "lease_until")
+OLD_DELIVERIES = _lightweight("wm_deliveries", "id", "event_id", "userid", "name", "address", "status", "reason",
+                              "attempts", "first_attempt_at", "next_attempt_at", "sent_at")
+
+
+def test_a_database_at_0002_with_open_deliveries_upgrades_to_the_digest_and_loses_none(db_url, request):
+    engine = db.make_engine(db_url)
+    with engine.connect() as conn:
+        command.upgrade(migrate._config(conn), "0002")  # the schema before the digest
+        conn.commit()
+    sending, pending = change_xml("create_user", "halfway"), change_xml("update_user", "untouched")
+    with engine.begin() as conn:
+        conn.execute(OLD_EVENTS.insert(), [
+            {"id": 1, "dedup_key": outbox.dedup_key(sending), "change_type": "create_user", "user_id": "halfway",
+             "departments": "2", "create_time": 1700000000, "xml": sending, "status": "sending",
+             "subject": "新增成员", "body": "新增成员 ID：halfway", "attempts": 0, "received_at": 1700000000.0,
+             "next_attempt_at": 0, "lease_owner": "old-worker", "lease_until": 1.0},  # a dead worker's
+            {"id": 2, "dedup_key": outbox.dedup_key(pending), "change_type": "update_user", "user_id": "untouched",
+             "departments": "2", "create_time": 1700000001, "xml": pending, "status": "pending",
+             "subject": None, "body": None, "attempts": 0, "received_at": 1700000001.0, "next_attempt_at": 0,
+             "lease_owner": None, "lease_until": None}])
+        conn.execute(OLD_DELIVERIES.insert(), [
+            {"id": i, "event_id": 1, "userid": f"user{i:04d}", "name": "", "address": f"user{i:04d}@corp.example",
+             "status": status, "reason": None, "attempts": attempts, "first_attempt_at": first,
+             "next_attempt_at": 0, "sent_at": 1700000100.0 if status == "sent" else None}
+            for i, status, attempts, first in ((1, "sent", 1, 1700000100.0), (2, "retry", 1, 1700000100.0),
+                                               (3, "pending", 0, None), (4, "pending", 0, None),
+                                               (5, "failed", 1, 1700000100.0))])
+    before = every_row(engine, {"wm_events": [c.name for c in OLD_EVENTS.c],
+                                "wm_deliveries": [c.name for c in OLD_DELIVERIES.c],
+                                **{name: ["*"] for name in LEGACY_TABLES[2:]}})
+    engine.dispose()
+
+    service = request.getfixturevalue("service")  # the app upgrades the database at start
+    smtp_sink = request.getfixturevalue("smtp_sink")
+    assert migrate.current_revision(service.engine) == migrate.head_revision()
+    assert every_row(service.engine, {"wm_events": [c.name for c in OLD_EVENTS.c],
+                                      "wm_deliveries": [c.name for c in OLD_DELIVERIES.c],
+                                      **{name: ["*"] for name in LEGACY_TABLES[2:]}}) == before
+    assert {e.held_rows for e in rows(service.engine, schema.events)} == {0}
+    assert {d.digest_id for d in rows(service.engine, schema.deliveries)} == {None}
+
+    clock = Clock(time.time())
+    worker = service.make_worker(digest_window=60)
+    worker.clock = clock
+    service.drain(worker)
+    clock.advance(61)  # the untouched event finds its recipients just mailed: held, then one digest each
+    service.drain(worker)
+    got = collections.Counter((m["X-RcptTo"], m["Subject"]) for m in smtp_sink.messages)
+    assert got == {**{(f"user{i:04d}@corp.example", "新增成员"): 1 for i in (2, 3, 4)},
+                   **{(f"user{i:04d}@corp.example", "更新成员"): 1 for i in range(1, 6)}}
+    assert [e.status for e in rows(service.engine, schema.events)] == ["done", "done"]
+    assert count(service.engine, schema.deliveries, schema.deliveries.c.status.in_(("pending", "retry", "held"))) == 0

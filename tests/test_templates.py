@@ -10,8 +10,8 @@ import sqlalchemy as sa
 import config
 from store import db
 from support import TEST_CORP_ID, base_env
-from templates_repo import (ORIGINAL_ROWS, EmailTemplate, RenderError, event_values, load_template,
-                            render, render_email, seed_templates)
+from templates_repo import (DIGEST_ROW, ORIGINAL_ROWS, EmailTemplate, RenderError, event_values, load_template,
+                            load_templates, render, render_email, seed_templates)
 from wecom import ContactChange, event_xml, parse_event
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -109,12 +109,13 @@ def test_anything_but_a_plain_known_name_is_a_render_error(text, named):
 
 def test_seed_is_idempotent_and_load_reads_it(db_url):
     engine = db.make_engine(db_url)
-    assert seed_templates(engine, TABLE, APP) == 3
+    assert seed_templates(engine, TABLE, APP) == 4  # the original three and the digest's row
     assert seed_templates(engine, TABLE, APP) == 0
     with engine.connect() as conn:
-        assert conn.execute(sa.text(f"SELECT COUNT(*) FROM {TABLE}")).scalar_one() == 3
-    for change_type, title, body in ORIGINAL_ROWS:  # Chinese text round-trips (utf8mb4 on MariaDB)
+        assert conn.execute(sa.text(f"SELECT COUNT(*) FROM {TABLE}")).scalar_one() == 4
+    for change_type, title, body in ORIGINAL_ROWS + (DIGEST_ROW,):  # Chinese round-trips (utf8mb4 on MariaDB)
         assert load_template(engine, TABLE, APP, change_type) == EmailTemplate(title, body)
+    assert load_templates(engine, TABLE, APP) == {c: EmailTemplate(t, b) for c, t, b in ORIGINAL_ROWS + (DIGEST_ROW,)}
     subject, body = render_email(load_template(engine, TABLE, APP, "create_user"), change(), SHANGHAI)
     assert body == "新增时间：2023-11-15 06:13:20\n 新增成员 ID：zhangsan"
 
@@ -124,7 +125,7 @@ def test_load_filters_by_app_and_change_type(db_url):
     seed_templates(engine, "mail_templates", "other-app")
     assert load_template(engine, "mail_templates", APP, "create_user") is None
     assert load_template(engine, "mail_templates", "other-app", "update_party") is None
-    assert seed_templates(engine, "mail_templates", APP) == 3  # another app gets its own rows
+    assert seed_templates(engine, "mail_templates", APP) == 4  # another app gets its own rows
     assert load_template(engine, "mail_templates", APP, "delete_user").title == "删除成员"
 
 
@@ -137,7 +138,7 @@ def test_seed_fills_in_a_preexisting_table_without_a_unique_key(db_url):
                              + (" CHARACTER SET utf8mb4" if mysql else "")))
         conn.execute(sa.text(f"INSERT INTO {TABLE} (app, change_type, email_title, email_body) "
                              "VALUES (:app, 'create_user', 'Custom', 'mine {userid}')"), {"app": APP})
-    assert seed_templates(engine, TABLE, APP) == 2
+    assert seed_templates(engine, TABLE, APP) == 3
     assert seed_templates(engine, TABLE, APP) == 0
     assert load_template(engine, TABLE, APP, "create_user") == EmailTemplate("Custom", "mine {userid}")
     assert load_template(engine, TABLE, APP, "update_user").title == "更新成员"
@@ -155,6 +156,24 @@ def test_concurrent_seeding_adds_each_row_once(db_url):
     engines = [db.make_engine(db_url) for _ in range(6)]
     with ThreadPoolExecutor(len(engines)) as pool:
         added = list(pool.map(lambda engine: seed_templates(engine, TABLE, APP), engines))
-    assert sum(added) == 3
+    assert sum(added) == 4
     with engines[0].connect() as conn:
-        assert conn.execute(sa.text(f"SELECT COUNT(*) FROM {TABLE}")).scalar_one() == 3
+        assert conn.execute(sa.text(f"SELECT COUNT(*) FROM {TABLE}")).scalar_one() == 4
+
+
+def test_the_readmes_sql_adds_the_digest_row_as_seeding_would(mysql_url):
+    """README shows the INSERT for an existing table: on MariaDB it stores exactly the seeded row."""
+    import re
+
+    from support import ROOT
+
+    engine = db.make_engine(mysql_url)
+    with engine.begin() as conn:
+        conn.execute(sa.text(f"CREATE TABLE {TABLE} (app VARCHAR(64), change_type VARCHAR(64), "
+                             "email_title VARCHAR(255), email_body TEXT) CHARACTER SET utf8mb4"))
+    readme = (ROOT / "README.md").read_text()
+    [sql] = re.findall(r"```sql\n(INSERT INTO ipaas_email_template.*?;)\n```", readme, re.S)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(sql.replace("%", "%%"))
+    assert load_template(engine, TABLE, APP, "digest") == EmailTemplate(*DIGEST_ROW[1:])
+    assert seed_templates(engine, TABLE, APP) == 3  # the original three; the digest row is there

@@ -111,6 +111,11 @@ class SmtpSink:
         with self._changed:
             self._rejected[address.lower()] = reply
 
+    def accept(self, address: str) -> None:
+        """Take RCPT TO:<address> again (undoes reject)."""
+        with self._changed:
+            self._rejected.pop(address.lower(), None)
+
     def fail_next(self, n: int, reply: str = "451 4.3.0 try again later") -> None:
         """Answer the next `n` DATA commands with `reply` (the message is not kept)."""
         with self._changed:
