@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import shutil
 import time
 
 import sqlalchemy as sa
@@ -18,27 +17,6 @@ import sqlalchemy as sa
 from bench import harness as h
 
 BURST_CHANGES, BURST_MEMBERS = 200, 50
-
-
-def _scalar(engine, query):
-    with engine.connect() as conn:
-        return conn.execute(query).scalar()
-
-
-def _worker(run, url: str, size: int, **overrides) -> dict:
-    """A counted `flask worker` on its own database, its member snapshot taken."""
-    from store import db, schema
-
-    h.prepare_state(url)
-    stats_dir = h.OUT / f"stats-{url.rsplit('/', 1)[1]}"
-    shutil.rmtree(stats_dir, ignore_errors=True)
-    stats_dir.mkdir(parents=True)
-    env = h.service_env(url, run.standin.api_base, run.sink.port, BENCH_STATS_DIR=stats_dir, **overrides)
-    service = h.Service.worker(env, f"worker-{url.rsplit('/', 1)[1]}")
-    engine = db.make_engine(url)
-    snapshot = sa.select(schema.department_snapshots.c.member_count)
-    h.wait_for(lambda: _scalar(engine, snapshot) == size, 120, 0.1, "the worker's member snapshot")
-    return {"service": service, "engine": engine, "stats_dir": stats_dir}
 
 
 def _stop(worker: dict) -> None:
@@ -72,7 +50,8 @@ def digest(run) -> None:
     burst: dict[int, dict] = {}
     for seconds in (0, window):
         with h.database(f"digest{seconds}") as url:
-            worker = _worker(run, url, BURST_MEMBERS, DIGEST_WINDOW_SECONDS=seconds)
+            worker = h.start_worker(url, run.standin.api_base, run.sink.port, BURST_MEMBERS,
+                                    DIGEST_WINDOW_SECONDS=seconds)
             try:
                 say(f"digest: {BURST_CHANGES} changes into {BURST_MEMBERS} members, window {seconds} s")
                 run.sink.reset()

@@ -92,6 +92,27 @@ def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "con
     return wait_until(predicate, timeout=timeout, interval=interval, what=what)
 
 
+def scalar(engine, query):
+    with engine.connect() as conn:
+        return conn.execute(query).scalar()
+
+
+def start_worker(url: str, api_base: str, smtp_port: int, size: int, **overrides) -> dict:
+    """A counted `flask worker` process on its own database, once its member snapshot of `size` is taken."""
+    from store import db, schema
+
+    prepare_state(url)
+    stats_dir = OUT / f"stats-{url.rsplit('/', 1)[1]}"
+    shutil.rmtree(stats_dir, ignore_errors=True)
+    stats_dir.mkdir(parents=True)
+    env = service_env(url, api_base, smtp_port, BENCH_STATS_DIR=stats_dir, **overrides)
+    service = Service.worker(env, f"worker-{url.rsplit('/', 1)[1]}")
+    engine = db.make_engine(url)
+    snapshot = sa.select(schema.department_snapshots.c.member_count)
+    wait_for(lambda: scalar(engine, snapshot) == size, 120, 0.1, "the worker's member snapshot")
+    return {"service": service, "engine": engine, "stats_dir": stats_dir}
+
+
 def child_pids(pid: int) -> list[int]:
     """Direct children of `pid` (gunicorn's workers)."""
     children = []

@@ -69,7 +69,7 @@ def _service(run, sink: Sink, proxy: LatencyProxy, url: str, size: int, connecti
     with h.Service.gunicorn("app:create_app()", env, port, f"pace-{connections}") as service:
         engine = db.make_engine(url)
         snapshot = sa.select(schema.department_snapshots.c.member_count)
-        h.wait_for(lambda: _scalar(engine, snapshot) == size, 120, 0.1, "the member snapshot")
+        h.wait_for(lambda: h.scalar(engine, snapshot) == size, 120, 0.1, "the member snapshot")
         results = []
         for user in ("userwarm", "userpace"):
             poster = h.Poster(port)  # gunicorn closes a keep-alive connection idle for 2 s
@@ -84,11 +84,6 @@ def _service(run, sink: Sink, proxy: LatencyProxy, url: str, size: int, connecti
             poster.close()
         engine.dispose()
     return results[-1]
-
-
-def _scalar(engine, query):
-    with engine.connect() as conn:
-        return conn.execute(query).scalar()
 
 
 def _floor(sink: Sink, messages, send) -> float:

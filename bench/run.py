@@ -215,8 +215,9 @@ def fanout(run: Run) -> None:
         best: dict[str, float] = {}
         stats: dict[str, dict] = {}
         with h.database(f"fan{size}a") as url1, h.database(f"fan{size}b") as url4:
-            workers = {"default": _start_worker(run, url1, size, {}),
-                       "SMTP_CONNECTIONS=4": _start_worker(run, url4, size, {"SMTP_CONNECTIONS": "4"})}
+            workers = {"default": h.start_worker(url1, run.standin.api_base, run.sink.port, size),
+                       "SMTP_CONNECTIONS=4": h.start_worker(url4, run.standin.api_base, run.sink.port, size,
+                                                             SMTP_CONNECTIONS="4")}
             try:
                 for attempt in range(repeats):
                     say(f"fan-out {size}: round {attempt + 1} of {repeats}")
@@ -275,31 +276,10 @@ def _floor_rate(run: Run, messages, connections: int, per_message: bool = False)
     return run.sink.rate()
 
 
-def _start_worker(run: Run, url: str, size: int, overrides: dict) -> dict:
-    """A `flask worker` process (counted) on its own database, its member snapshot taken."""
-    from store import db, outbox, schema
-
-    h.prepare_state(url)
-    stats_dir = h.OUT / f"stats-{url.rsplit('/', 1)[1]}"
-    shutil.rmtree(stats_dir, ignore_errors=True)
-    stats_dir.mkdir(parents=True)
-    env = h.service_env(url, run.standin.api_base, run.sink.port, BENCH_STATS_DIR=stats_dir, **overrides)
-    service = h.Service.worker(env, f"worker-{url.rsplit('/', 1)[1]}")
-    engine = db.make_engine(url)
-    snapshot = sa.select(schema.department_snapshots.c.member_count)
-    h.wait_for(lambda: _scalar(engine, snapshot) == size, 120, 0.1, "the worker's member snapshot")
-    return {"service": service, "engine": engine, "stats_dir": stats_dir}
-
-
-def _scalar(engine, query):
-    with engine.connect() as conn:
-        return conn.execute(query).scalar()
-
-
 def _service_rate(run: Run, worker: dict, size: int, tag: str) -> tuple[float, dict]:
     """Record one event for the watched department; mails/s at the sink, and the worker's statements."""
-    from store import db, outbox, schema
     import wecom
+    from store import outbox, schema
 
     before = h.read_stats(worker["stats_dir"])
     run.sink.reset()
@@ -310,7 +290,7 @@ def _service_rate(run: Run, worker: dict, size: int, tag: str) -> tuple[float, d
         raise RuntimeError(f"the sink got {run.sink.count} of {size} mails from the service")
     rate = run.sink.rate()
     status = sa.select(schema.events.c.status).where(schema.events.c.id == event_id)
-    h.wait_for(lambda: _scalar(worker["engine"], status) == "done", 60, 0.05, "the event to finish")
+    h.wait_for(lambda: h.scalar(worker["engine"], status) == "done", 60, 0.05, "the event to finish")
     cpu = (h.cpu_seconds(worker["service"].proc.pid) - cpu_before) / size * 1e6  # expansion included
     time.sleep(0.5)  # the counter file is rewritten every 0.2 s
     return rate, dict(_stats_delta(before, h.read_stats(worker["stats_dir"])), cpu_us=cpu)
@@ -351,17 +331,17 @@ def end_to_end(run: Run) -> None:
             port = h.free_port()
             say(f"end to end: {size} members, gunicorn on :{port}")
             with h.Service.gunicorn("bench.instrumented:create_app()", env, port, f"e2e-{size}") as service:
-                from store import db, outbox, schema
+                from store import db, schema
 
                 engine = db.make_engine(url)
                 snapshot = sa.select(schema.department_snapshots.c.member_count)
-                h.wait_for(lambda: _scalar(engine, snapshot) == size, 120, 0.1, "the member snapshot")
+                h.wait_for(lambda: h.scalar(engine, snapshot) == size, 120, 0.1, "the member snapshot")
                 _serial_latency(port, 50, f"warm{size}x")  # both workers past their first requests
                 time.sleep(0.5)
                 before = h.read_stats(stats_dir, service.pids)
                 result = _one_event(run, port, size)
                 event = sa.select(schema.events.c.status).where(schema.events.c.user_id == "user0001")
-                h.wait_for(lambda: _scalar(engine, event) == "done", 60, 0.05, "the event to finish")
+                h.wait_for(lambda: h.scalar(engine, event) == "done", 60, 0.05, "the event to finish")
                 time.sleep(0.5)
                 after = h.read_stats(stats_dir, service.pids)
                 engine.dispose()
@@ -458,7 +438,7 @@ def growth(run: Run) -> None:
             run.add("growth", f"  p99 at half the floor's max rate, {reached:.0f}/s reached", f"{p99:.1f} ms",
                     f"{floor['half']['p99_ms']:.1f} ms", p99 / floor["half"]["p99_ms"], "< 50 ms at that rate",
                     p99 < 50 and kept_up)
-        worker = _start_worker(run, url, size, {})
+        worker = h.start_worker(url, run.standin.api_base, run.sink.port, size)
         worker_stats = worker["stats_dir"]
         try:
             settings = h.settings_for(env)

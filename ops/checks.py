@@ -12,13 +12,11 @@ from sqlalchemy.exc import DBAPIError
 import config
 import mailer
 import smtp_session
-from delivery.limits import day_of, next_day_start
-from ops import report
-from store import limits
 import templates_repo
 import wecom_api
+from delivery.limits import day_of, next_day_start
 from ops import report
-from store import addressbook
+from store import addressbook, limits
 from store.db import StateUnavailable, safe_url
 from store.migrate import upgrade
 from wecom import MEMBER_CHANGES

@@ -6,7 +6,6 @@ and asserts a 4xx (or a redirect to the login form), never a 5xx.
 """
 from __future__ import annotations
 
-import io
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor

@@ -6,7 +6,6 @@ import threading
 import pytest
 
 from devtools.wecom_standin import make_members
-from store import schema
 from support import DEPARTMENT, change_xml, delivery_rows, event_rows, signed_post, wait_until
 from support.smtp_server import SlowSink
 

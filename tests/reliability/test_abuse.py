@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import services
-from store import db, migrate, outbox, schema
+from store import migrate, outbox, schema
 import wecom
 from support import ROOT, TEST_AES_KEY, TEST_CORP_ID, TEST_SECRET, TEST_TOKEN
 from support.reliability import (event_xml, figure, packet, post, prepare_database, reliability_env, rows, wait_for)
@@ -156,9 +156,6 @@ def _odd_xml(e: dict) -> str:
 @pytest.mark.slow
 def test_authentic_events_with_odd_contents_are_recorded_whole_and_never_jam_the_worker(
         fuzz_app, crypto, smtp_sink):
-    import app as app_module
-    from delivery import worker as delivery
-
     client, engine = fuzz_app.test_client(), services.of(fuzz_app).engine
     answered: collections.Counter = collections.Counter()
 
