@@ -64,13 +64,18 @@ def template_rows(engine, settings) -> tuple[bool, str]:
                            "with the original three rows")
         missing = [t for t in MEMBER_CHANGES
                    if templates_repo.load_template(engine, settings.template_table, settings.template_app, t) is None]
+        digest_row = templates_repo.load_template(engine, settings.template_table, settings.template_app, "digest")
     except DBAPIError as exc:
         return False, (f"templates {where}: {exc.orig.__class__.__name__}: {str(exc.orig)[:120]} — check "
                        "TEMPLATE_DATABASE_URL / TEMPLATE_TABLE, or run `flask --app app init-db --seed-templates`")
     if missing:
         return False, (f"templates {where}: no row for {', '.join(missing)} — add them, or run "
                        "`flask --app app init-db --seed-templates` for the original three")
-    return True, f"templates {where}: a row for each of {', '.join(MEMBER_CHANGES)}"
+    digest = ""
+    if settings.digest_window or settings.quiet_hours:
+        digest = ("; digests use its 'digest' row" if digest_row is not None else
+                  "; no 'digest' row: digests use the built-in text (README: the template section has the SQL)")
+    return True, f"templates {where}: a row for each of {', '.join(MEMBER_CHANGES)}{digest}"
 
 
 def wecom_token(client) -> tuple[bool, str]:

@@ -238,3 +238,22 @@ def test_status_and_metrics_show_held_deliveries_and_when_their_digest_goes(depa
     body = metrics.exposition(department.engine)[0].decode()
     assert "wecom_mailer_held_deliveries 0.0" in body
     assert 'wecom_mailer_digests_total{outcome="sent"}' in body
+
+
+def test_check_says_which_text_the_digests_use(make_app, tmp_path):
+    import dataclasses
+
+    import services
+    import templates_repo
+    from ops import checks
+
+    parts = services.of(make_app())
+    settings = dataclasses.replace(parts.settings, digest_window=60)
+    templates_repo.seed_templates(parts.template_engine, settings.template_table, settings.template_app)
+    assert checks.template_rows(parts.template_engine, settings)[1].endswith("; digests use its 'digest' row")
+    with parts.template_engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM ipaas_email_template WHERE change_type = 'digest'"))
+    ok, line = checks.template_rows(parts.template_engine, settings)
+    assert ok and "no 'digest' row: digests use the built-in text" in line
+    off = dataclasses.replace(settings, digest_window=0)
+    assert "digest" not in checks.template_rows(parts.template_engine, off)[1]
