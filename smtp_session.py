@@ -2,9 +2,9 @@
 
 Pipelined, the end of one message's content goes out in the same write as the next message's MAIL FROM,
 RCPT TO and DATA, so each message costs one round trip. Every reply is still read in order and matched to
-its command. Whatever the mode, the outcome of a message is recorded (`on_result` has returned) before the
-content of the next message goes out on the same connection: a crash repeats at most one message per
-connection.
+its command. Whatever the mode, the outcome of a message is recorded (the future `submit` returned is done)
+before the content of the next message goes out on the same connection: a crash repeats at most one
+message per connection.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import smtplib
 import ssl
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from typing import Callable
 
 import mailer
@@ -83,14 +83,14 @@ class SmtpSession:
     # -- a batch -------------------------------------------------------------------------------------
 
     def send(self, take: Callable[[bool], mailer.Outgoing | None], render: Callable[[mailer.Outgoing], bytes],
-             on_result: Callable[[mailer.Outgoing, mailer.SendResult], bool | None]) -> None:
-        """Send what `take(block)` hands over until it gives None, `on_result` says False, or a Halt.
+             submit: Callable[[mailer.Outgoing, mailer.SendResult], Future]) -> None:
+        """Send what `take(block)` hands over until it gives None, a recorded outcome says stop, or a Halt.
 
-        `on_result` runs in this session's writer thread, in order; the content of the next message waits for
-        it to return. Raises Halt, or what on_result raised (the connection is then cut before the next
-        message's final dot, so the server accepts nothing unrecorded).
+        `submit(item, result)` hands an outcome to be recorded and returns a future of "go on"; while it is
+        recorded this session goes on with the next message's commands, and its content waits for the
+        future. Raises Halt, or what recording raised (the connection is then cut before the next message's
+        final dot, so the server accepts nothing unrecorded).
         """
-        writer = ThreadPoolExecutor(1, thread_name_prefix="smtp-outcomes")
         previous: Future | None = None  # the latest outcome being recorded
         strikes = reconnects = 0
         item, staged = take(True), False  # staged: its commands went out with the previous end of data
@@ -98,11 +98,11 @@ class SmtpSession:
         try:
             while item is not None and not _stopped(previous):
                 if self.smtp is None:
-                    self._open_or_halt(item, writer, on_result)
+                    self._open_or_halt(item, submit)
                 try:
                     message = render(item)
                 except mailer.Unsendable as exc:  # a bad address or an unencodable template: this one only
-                    previous = writer.submit(on_result, item, exc.result)
+                    previous = submit(item, exc.result)
                     item, staged = take(True), False
                     continue
                 try:
@@ -116,7 +116,7 @@ class SmtpSession:
                         staged = False  # it never reached the server: send it again on a new connection
                         continue
                     result, nxt = mailer.SendResult(ok=False, reason=drop.reason), drop.nxt
-                previous = writer.submit(on_result, item, result)
+                previous = submit(item, result)
                 self.last_used = time.monotonic()
                 strikes = 0 if result.ok or result.permanent else strikes + 1
                 if result.quota or result.sender_refused:
@@ -131,17 +131,14 @@ class SmtpSession:
         finally:
             if self.pending:  # a staged message or an open DATA left behind: never reuse that connection
                 self.close(polite=False)
-            try:
-                _settle(previous)
-            finally:
-                writer.shutdown(wait=True)
+            _settle(previous)
 
-    def _open_or_halt(self, item, writer, on_result) -> None:
+    def _open_or_halt(self, item, submit) -> None:
         try:
             self.open()
         except OSError as exc:  # smtplib.SMTPException is an OSError too
             reason = mailer.connect_failure(self.settings, exc)
-            _settle(writer.submit(on_result, item, mailer.SendResult(ok=False, reason=reason)))
+            _settle(submit(item, mailer.SendResult(ok=False, reason=reason)))
             raise Halt(reason) from None
 
     def _transact(self, item, message: bytes, staged: bool, previous: Future | None, take):

@@ -97,8 +97,9 @@ def scalar(engine, query):
         return conn.execute(query).scalar()
 
 
-def start_worker(url: str, api_base: str, smtp_port: int, size: int, **overrides) -> dict:
-    """A counted `flask worker` process on its own database, once its member snapshot of `size` is taken."""
+def start_worker(url: str, api_base: str, smtp_port: int, size: int, root: Path = ROOT, **overrides) -> dict:
+    """A counted `flask worker` process on its own database, once its member snapshot of `size` is taken;
+    `root` may be another checkout of the project (the code before a change)."""
     from store import db, schema
 
     prepare_state(url)
@@ -106,7 +107,7 @@ def start_worker(url: str, api_base: str, smtp_port: int, size: int, **overrides
     shutil.rmtree(stats_dir, ignore_errors=True)
     stats_dir.mkdir(parents=True)
     env = service_env(url, api_base, smtp_port, BENCH_STATS_DIR=stats_dir, **overrides)
-    service = Service.worker(env, f"worker-{url.rsplit('/', 1)[1]}")
+    service = Service.worker(env, f"worker-{url.rsplit('/', 1)[1]}", root=root)
     engine = db.make_engine(url)
     snapshot = sa.select(schema.department_snapshots.c.member_count)
     wait_for(lambda: scalar(engine, snapshot) == size, 120, 0.1, "the worker's member snapshot")
@@ -127,13 +128,14 @@ def child_pids(pid: int) -> list[int]:
 
 
 class Service:
-    """A real process (gunicorn or `flask … worker`) started from the repository root, output to a log."""
+    """A real process (gunicorn or `flask … worker`) started from the repository root (or `root`: another
+    checkout, for a before/after comparison), output to a log."""
 
-    def __init__(self, args: list[str], env: dict[str, str], name: str):
+    def __init__(self, args: list[str], env: dict[str, str], name: str, root: Path = ROOT):
         OUT.mkdir(parents=True, exist_ok=True)
         self.log_path = OUT / f"{name}.log"
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=root, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     @classmethod
     def gunicorn(cls, app_spec: str, env: dict[str, str], port: int, name: str) -> "Service":
@@ -148,8 +150,9 @@ class Service:
         return service
 
     @classmethod
-    def worker(cls, env: dict[str, str], name: str, app_spec: str = "bench.instrumented:create_app") -> "Service":
-        return cls([sys.executable, "-m", "flask", "--app", app_spec, "worker"], env, name)
+    def worker(cls, env: dict[str, str], name: str, app_spec: str = "bench.instrumented:create_app",
+               root: Path = ROOT) -> "Service":
+        return cls([sys.executable, "-m", "flask", "--app", app_spec, "worker"], env, name, root)
 
     def _answers(self) -> bool:
         if self.proc.poll() is not None:

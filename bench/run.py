@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import subprocess
 import os
 import shutil
 import sys
@@ -214,10 +216,14 @@ def fanout(run: Run) -> None:
         messages = h.build_messages(settings, make_members(size, h.DEPARTMENT), subject, body)
         best: dict[str, float] = {}
         stats: dict[str, dict] = {}
-        with h.database(f"fan{size}a") as url1, h.database(f"fan{size}b") as url4:
-            workers = {"default": h.start_worker(url1, run.standin.api_base, run.sink.port, size),
-                       "SMTP_CONNECTIONS=4": h.start_worker(url4, run.standin.api_base, run.sink.port, size,
-                                                             SMTP_CONNECTIONS="4")}
+        with contextlib.ExitStack() as databases:
+            workers = {}
+            roots = [("", h.ROOT)] + ([("before: ", run.args.before)] if run.args.before else [])
+            for prefix, root in roots:
+                for label, extra in (("default", {}), ("SMTP_CONNECTIONS=4", {"SMTP_CONNECTIONS": "4"})):
+                    url = databases.enter_context(h.database(f"fan{size}{len(workers)}"))
+                    workers[prefix + label] = h.start_worker(url, run.standin.api_base, run.sink.port, size,
+                                                             root=root, **extra)
             try:
                 for attempt in range(repeats):
                     say(f"fan-out {size}: round {attempt + 1} of {repeats}")
@@ -240,10 +246,16 @@ def fanout(run: Run) -> None:
         run.add("fanout", "  one message over one connection (1 / floor rate)", f"{1000 / best['floor1']:.2f} ms")
         run.add("fanout", f"{size} members: floor, 4 connections", f"{best['floor4']:.0f} mails/s",
                 f"naive {naive:.0f}/s", best["floor4"] / naive)
+        for label in (w for w in workers if w.startswith("before: ")):
+            floor_key = "floor4" if label.endswith("=4") else "floor1"
+            run.add("fanout", f"{size} members: service, {label} ({run.args.before_commit})",
+                    f"{best[label]:.0f} mails/s", f"{best[floor_key]:.0f}/s", best[label] / best[floor_key])
         for label, floor_key in (("default", "floor1"), ("SMTP_CONNECTIONS=4", "floor4")):
             ratio = best[label] / best[floor_key]
             run.add("fanout", f"{size} members: service, {label}", f"{best[label]:.0f} mails/s",
                     f"{best[floor_key]:.0f}/s", ratio, "≥ 0.80", ratio >= 0.8)
+            if f"before: {label}" in best:
+                run.add("fanout", f"  after / before ({label})", f"{best[label] / best['before: ' + label]:.2f}")
             s = stats.get(label)
             if s:
                 run.add("fanout", f"  db statements per mail ({label})", f"{s['statements'] / size:.2f}",
@@ -562,6 +574,8 @@ def main() -> int:
     parser.add_argument("--e2e-sizes", help="comma list of department sizes for the end-to-end rows")
     parser.add_argument("--growth-rows", type=int, help="rows already in each table for the growth rows")
     parser.add_argument("--repeats", type=int, help="fan-out rounds (best of) per size")
+    parser.add_argument("--before", type=Path, help="another checkout (e.g. `git worktree add ../before <commit>`): "
+                                                    "its service is measured beside this one (fan-out, ingest)")
     parser.add_argument("--reconcile-size", type=int, help="members of the reconciled department (10,000)")
     parser.add_argument("--reconcile-event-size", type=int,
                         help="members of the department whose event arrives during a round (1,000)")
@@ -570,6 +584,12 @@ def main() -> int:
     overrides = {key: getattr(args, key) for key in ("fanout_sizes", "e2e_sizes", "growth_rows", "repeats",
                                                      "reconcile_size", "reconcile_event_size", "digest_sizes")}
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
+    args.before_commit = None
+    if args.before:
+        args.before = args.before.resolve()
+        head = subprocess.run(["git", "-C", str(args.before), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True)
+        args.before_commit = head.stdout.strip() or args.before.name
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")

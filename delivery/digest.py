@@ -129,7 +129,11 @@ def _send(worker, claimed: list, templates: dict) -> None:
         _log(digest, what, started, logging.INFO if values["status"] == "sent" else logging.WARNING)
         return True
 
-    halt = send_batch(settings, items, record, stop=worker.stop, pool=worker.smtp_pool, gate=worker.gate)
+    def record_each(outcomes) -> bool:
+        """Each digest in its own transaction; every one is recorded, even after one says stop."""
+        return all([record(item, result) is not False for item, result in outcomes])
+
+    halt = send_batch(settings, items, record_each, stop=worker.stop, pool=worker.smtp_pool, gate=worker.gate)
     untried = [digest for digest, _ in by_item.values() if digest.id not in finished]
     if untried:
         now = worker.clock()

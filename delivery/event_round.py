@@ -47,21 +47,30 @@ def send_event(worker, row, started: float) -> None:
     tally, marks = Tally(), outbox.DeliveryMarks(engine)
     mailed: list[str] = []  # addresses sent to, whose digest window then runs from the end of the round
 
-    def record(item: mailer.Outgoing, result: mailer.SendResult) -> bool:
-        """Mark one delivery (durably, before the next content goes out); False once the lease is lost."""
-        delivery, now = by_id[item.delivery_id], worker.clock()
-        if result.quota:  # the provider's day is used up: no attempt, it waits for tomorrow with the rest
-            resume_at = next_day_start(now, settings.tz)
-            values = {"status": "retry", "next_attempt_at": resume_at,
-                      "reason": daily_limit_reason(settings, resume_at, result.reason)[:1000]}
-        else:
-            values = retry.outcome(settings, result, delivery.attempts, delivery.first_attempt_at, now)
-        marks.mark(delivery.id, **values)
-        tally.add(values)
-        if values["status"] == "sent" and worker.digest_on:
-            mailed.append(delivery.address)
-        if worker.metrics:
-            worker.metrics.delivery(values["status"])
+    def record(outcomes: list[tuple[mailer.Outgoing, mailer.SendResult]]) -> bool:
+        """Mark deliveries (durably, before the next content goes out on their connection): the sent ones
+        in one statement, each other outcome on its own; False once the lease is lost."""
+        now, sent = worker.clock(), []
+        for item, result in outcomes:
+            delivery = by_id[item.delivery_id]
+            if result.ok:
+                sent.append(delivery.id)
+                values = {"status": "sent"}
+            elif result.quota:  # the provider's day is used up: no attempt, it waits for tomorrow with the rest
+                resume_at = next_day_start(now, settings.tz)
+                values = {"status": "retry", "next_attempt_at": resume_at,
+                          "reason": daily_limit_reason(settings, resume_at, result.reason)[:1000]}
+                marks.mark(delivery.id, **values)
+            else:
+                values = retry.outcome(settings, result, delivery.attempts, delivery.first_attempt_at, now)
+                marks.mark(delivery.id, **values)
+            tally.add(values)
+            if values["status"] == "sent" and worker.digest_on:
+                mailed.append(delivery.address)
+            if worker.metrics:
+                worker.metrics.delivery(values["status"])
+        if sent:
+            marks.mark_sent(sent, now)
         return not worker.lease.lost.is_set()
 
     items = [mailer.Outgoing(d.id, d.address, d.name, subject, body) for d in due]

@@ -1,30 +1,33 @@
-"""Sending a batch over MAIL_BACKEND: SMTP_CONNECTIONS sessions, each taking the next message from one queue."""
+"""Sending a batch over MAIL_BACKEND: SMTP_CONNECTIONS sessions, each taking the next message from one queue,
+their outcomes recorded by one writer."""
 from __future__ import annotations
 
 import collections
+import queue
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Iterable
 
 import mailer
 from smtp_session import Halt, Pool, SmtpSession
 
-OnResult = Callable[[mailer.Outgoing, mailer.SendResult], "bool | None"]
+Outcome = tuple[mailer.Outgoing, mailer.SendResult]
+OnResults = Callable[[list[Outcome]], "bool | None"]
 
 
-def send_batch(settings, items: Iterable[mailer.Outgoing], on_result: OnResult, *,
+def send_batch(settings, items: Iterable[mailer.Outgoing], on_results: OnResults, *,
                stop: threading.Event | None = None, pool: Pool | None = None, gate=None,
                tls_context=None) -> Halt | None:
-    """Send every item; `on_result(item, result)` records each outcome, in order per connection, before the
-    next message's content goes out on it (False from it stops). Returns the Halt that stopped the batch
-    early (throttled, a daily quota, no connection), or None.
+    """Send every item; `on_results(outcomes)` records outcomes durably (False from it stops the batch), and
+    the next message's content on a connection goes out only after its previous outcome is recorded.
+    Returns the Halt that stopped the batch early (throttled, a daily quota, no connection), or None.
 
     `gate.admit(block)` (delivery/limits.py) is asked before each message; `pool` keeps the connections open
     for the next batch (without one they are closed at the end).
     """
     stop = stop or threading.Event()
-    queue = collections.deque(items)
+    waiting = collections.deque(items)
     halts: list[Halt] = []
     lock = threading.Lock()
 
@@ -33,22 +36,24 @@ def send_batch(settings, items: Iterable[mailer.Outgoing], on_result: OnResult, 
         if not lock.acquire(blocking=block):
             return None
         try:
-            if stop.is_set() or halts or not queue:
+            if stop.is_set() or halts or not waiting:
                 return None
             if gate is not None and gate.active and not gate.admit(block):
                 return None
-            return queue.popleft()
+            return waiting.popleft()
         finally:
             lock.release()
 
-    def logged(item: mailer.Outgoing, result: mailer.SendResult):
-        mailer.log_result(item, result)
-        return on_result(item, result)
+    def logged(outcomes: list[Outcome]):
+        for item, result in outcomes:
+            mailer.log_result(item, result)
+        return on_results(outcomes)
 
     renderer = mailer.Renderer(settings)
     try:
         if settings.mail_backend == "smtp":
-            _over_smtp(settings, take, renderer, logged, halts, pool, tls_context, len(queue))
+            with OutcomeWriter(logged) as writer:
+                _over_smtp(settings, take, renderer, writer.submit, halts, pool, tls_context, len(waiting))
         else:
             _locally(take, renderer, _local_backend(settings), logged)
     except Halt as halt:
@@ -56,7 +61,50 @@ def send_batch(settings, items: Iterable[mailer.Outgoing], on_result: OnResult, 
     return halts[0] if halts else None
 
 
-def _over_smtp(settings, take, render, on_result, halts: list, pool: Pool | None, tls_context, count: int) -> None:
+class OutcomeWriter:
+    """One thread that records the outcomes of every connection of a batch, in the order they come; what
+    several connections hand over while it writes goes into its next write together (one UPDATE for the
+    sent ones). A connection waits only for its own latest outcome."""
+
+    def __init__(self, on_results: OnResults):
+        self.on_results = on_results
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="smtp-outcomes", daemon=True)
+
+    def __enter__(self) -> "OutcomeWriter":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._queue.put(None)
+        self._thread.join()
+
+    def submit(self, item: mailer.Outgoing, result: mailer.SendResult) -> Future:
+        """Queue one outcome; the future gives what on_results said of its batch (False: stop)."""
+        recorded: Future = Future()
+        self._queue.put((item, result, recorded))
+        return recorded
+
+    def _run(self) -> None:
+        while True:
+            batch = [self._queue.get()]
+            while batch[-1] is not None and not self._queue.empty():
+                batch.append(self._queue.get())
+            entries = [entry for entry in batch if entry is not None]
+            if entries:
+                try:
+                    go_on = self.on_results([(item, result) for item, result, _ in entries])
+                except BaseException as exc:  # the sessions raise it at their next wait
+                    for *_, recorded in entries:
+                        recorded.set_exception(exc)
+                else:
+                    for *_, recorded in entries:
+                        recorded.set_result(go_on is not False)
+            if batch[-1] is None:
+                return
+
+
+def _over_smtp(settings, take, render, submit, halts: list, pool: Pool | None, tls_context, count: int) -> None:
     sessions = (pool.sessions if pool is not None else
                 [SmtpSession(settings, tls_context) for _ in range(settings.smtp_connections)])[:max(count, 1)]
     failed = threading.Event()  # one connection's error stops the others' taking too
@@ -67,7 +115,7 @@ def _over_smtp(settings, take, render, on_result, halts: list, pool: Pool | None
     def run(session: SmtpSession) -> None:
         try:
             session.usable()  # a kept connection: closed here if idle too long or gone; send() reopens it
-            session.send(guarded_take, render, on_result)
+            session.send(guarded_take, render, submit)
         except Halt as halt:
             halts.append(halt)
         except BaseException:
@@ -91,12 +139,12 @@ def _local_backend(settings):
     return mailer.print_message
 
 
-def _locally(take, render, write, on_result) -> None:
+def _locally(take, render, write, on_results) -> None:
     """The file and console backends: one message after the other, each outcome recorded before the next."""
     while (item := take(True)) is not None:
         try:
             result = write(item, render(item))
         except mailer.Unsendable as exc:
             result = exc.result
-        if on_result(item, result) is False:
+        if on_results([(item, result)]) is False:
             return

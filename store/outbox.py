@@ -174,6 +174,20 @@ class DeliveryMarks:
         """Record one delivery's outcome; only an open row changes (a sent row stays sent)."""
         self._execute(self._statement, {"delivery_id": delivery_id, **values})
 
+    # Every sent mark alike (attempts and first attempt follow from the row), so any number in one UPDATE.
+    _sent_statement = (deliveries.update()
+                       .where(deliveries.c.id.in_(sa.bindparam("delivery_ids", expanding=True)),
+                              deliveries.c.status.in_(sa.bindparam("open_statuses", list(DELIVERY_OPEN),
+                                                                   literal_execute=True)))
+                       .values(status="sent", sent_at=sa.bindparam("now"), attempts=deliveries.c.attempts + 1,
+                               first_attempt_at=sa.func.coalesce(deliveries.c.first_attempt_at,
+                                                                 sa.bindparam("now")),
+                               reason=None))
+
+    def mark_sent(self, delivery_ids: list[int], now: float) -> None:
+        """Mark deliveries sent in one autocommitted UPDATE (open ones only)."""
+        self._execute(self._sent_statement, {"delivery_ids": list(delivery_ids), "now": now})
+
     def _execute(self, statement, parameters: dict) -> None:
         def write():
             conn = getattr(self._local, "conn", None)

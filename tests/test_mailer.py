@@ -62,15 +62,9 @@ def member(n: int, **fields) -> Outgoing:
 
 
 def send(settings, items, **kwargs) -> list[tuple[Outgoing, SendResult]]:
-    """send_batch, returning the (item, result) pairs in the order on_result saw them."""
+    """send_batch, returning the (item, result) pairs in the order they were recorded."""
     results = []
-    lock = threading.Lock()
-
-    def record(item, result):
-        with lock:
-            results.append((item, result))
-
-    send_batch(settings, items, record, **kwargs)
+    send_batch(settings, items, results.extend, **kwargs)
     return results
 
 
@@ -307,8 +301,8 @@ def test_four_connections_share_the_batch(sink):
 def test_on_result_false_stops_the_batch(sink):
     seen = []
 
-    def first_only(item, result):
-        seen.append(item.delivery_id)
+    def first_only(outcomes):
+        seen.extend(item.delivery_id for item, _ in outcomes)
         return False
 
     send_batch(smtp_settings(sink.port), [member(1), member(2), member(3)], first_only)
@@ -326,7 +320,7 @@ def test_stop_event_set_sends_nothing(sink):
 
 
 def test_an_error_in_on_result_reaches_the_caller(sink):
-    def failing(item, result):
+    def failing(outcomes):
         raise RuntimeError("database is gone")
 
     with pytest.raises(RuntimeError, match="database is gone"):

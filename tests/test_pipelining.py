@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-import threading
 
 import pytest
 import trustme
@@ -30,13 +29,9 @@ def members(n: int = N) -> list[Outgoing]:
 
 
 def send(settings, items, **kwargs):
-    results, lock = [], threading.Lock()
-
-    def record(item, result):
-        with lock:
-            results.append((item.delivery_id, result))
-
-    halt = send_batch(settings, items, record, **kwargs)
+    results = []
+    halt = send_batch(settings, items, lambda outcomes: results.extend((i.delivery_id, r) for i, r in outcomes),
+                      **kwargs)
     return results, halt
 
 
@@ -150,8 +145,8 @@ def test_an_outcome_that_cannot_be_recorded_cuts_the_connection_and_the_next_bat
         settings = smtp_settings(server.port)
         pool = Pool(settings)
 
-        def database_gone_at_2(item, result):
-            if item.delivery_id == 2:
+        def database_gone_at_2(outcomes):
+            if any(item.delivery_id == 2 for item, _ in outcomes):
                 raise RuntimeError("database is gone")
 
         with pytest.raises(RuntimeError, match="database is gone"):

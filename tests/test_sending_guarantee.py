@@ -46,13 +46,13 @@ def test_every_message_goes_out_only_after_the_previous_one_on_its_connection_is
         standin, db_url, tmp_path, monkeypatch, connections, pipelining):
     standin.set_members(DEPARTMENT, make_members(MEMBERS, DEPARTMENT))
     # Marks that take their time: a message sent without waiting for the previous mark would find it unmarked.
-    real_mark = outbox.DeliveryMarks.mark
+    real_write = outbox.DeliveryMarks._execute
 
-    def slow_mark(self, delivery_id, **values):
+    def slow_write(self, statement, parameters):
         time.sleep(0.004)
-        real_mark(self, delivery_id, **values)
+        real_write(self, statement, parameters)
 
-    monkeypatch.setattr(outbox.DeliveryMarks, "mark", slow_mark)
+    monkeypatch.setattr(outbox.DeliveryMarks, "_execute", slow_write)
     import app as app_module
 
     witness_engine = db.autocommit_engine(db.make_engine(db_url))
