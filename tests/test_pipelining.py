@@ -1,5 +1,6 @@
 """RFC 2920 pipelining against real SMTP servers (aiosmtpd advertising PIPELINING): one round trip per
-message, every reply still matched to its command, and no message accepted before the previous outcome."""
+message, every reply still matched to its command, and no message accepted before the previous outcome.
+The failure cases run against pipelined and one-command-at-a-time servers, in plain text, STARTTLS and TLS."""
 from __future__ import annotations
 
 import asyncio
@@ -35,10 +36,49 @@ def send(settings, items, **kwargs):
     return results, halt
 
 
-@pytest.fixture
-def pipelined():
-    with SmtpSink(pipelining=True) as server:
-        yield server
+class Server:
+    """A test SMTP server and the settings that reach it (its CA trusted through SMTP_CA_FILE)."""
+
+    def __init__(self, sink: SmtpSink, settings: config.Settings):
+        self.sink, self.settings = sink, settings
+
+
+@pytest.fixture(scope="module")
+def ca():
+    return trustme.CA()
+
+
+MODES = [(pipelining, security) for pipelining in (True, False) for security in ("none", "starttls", "ssl")]
+
+
+def _mode_id(mode) -> str:
+    return f"{'pipelined' if mode[0] else 'one-by-one'}-{mode[1]}"
+
+
+def serving(ca, tmp_path, pipelining: bool, security: str, sink_class=SmtpSink):
+    """The server of one mode, as a context manager yielding a Server."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def run():
+        options, env = {}, {}
+        if security != "none":
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ca.issue_cert("127.0.0.1").configure_cert(context)
+            options = ({"starttls_context": context, "require_starttls": True} if security == "starttls"
+                       else {"tls_context": context})
+            ca_file = tmp_path / "ca.pem"
+            ca.cert_pem.write_to_path(str(ca_file))
+            env = {"SMTP_SECURITY": security, "SMTP_CA_FILE": str(ca_file)}
+        with sink_class(pipelining=pipelining, **options) as sink:
+            yield Server(sink, smtp_settings(sink.port, **env))
+    return run()
+
+
+@pytest.fixture(params=MODES, ids=_mode_id)
+def server(request, ca, tmp_path):
+    with serving(ca, tmp_path, *request.param) as running:
+        yield running
 
 
 @pytest.mark.parametrize("setting, advertised, turns_per_message", [
@@ -54,11 +94,12 @@ def test_one_round_trip_per_message_when_the_server_offers_pipelining(setting, a
     assert N * turns_per_message <= proxy.turns <= N * turns_per_message + 3, proxy.turns
 
 
-def test_a_refused_recipient_in_a_group_fails_that_one_and_its_data_is_not_taken_for_a_success(pipelined):
+def test_a_refused_recipient_in_a_group_fails_that_one_and_its_data_is_not_taken_for_a_success(server):
+    pipelined = server.sink
     pipelined.reject("user5@corp.example", "550 5.1.1 no such user")
     pipelined.reject("user9@corp.example", "450 4.2.1 mailbox busy")
 
-    results, halt = send(smtp_settings(pipelined.port), members())
+    results, halt = send(server.settings, members())
 
     outcome = dict(results)
     assert outcome[5] == SendResult(ok=False, permanent=True, reason="550 5.1.1 no such user")
@@ -69,10 +110,11 @@ def test_a_refused_recipient_in_a_group_fails_that_one_and_its_data_is_not_taken
     assert halt is None and pipelined.connections == 1  # RSET in the next group, on over the same connection
 
 
-def test_421_mid_group_closes_the_connection_and_the_rest_reconnects(pipelined):
+def test_421_mid_group_closes_the_connection_and_the_rest_reconnects(server):
+    pipelined = server.sink
     pipelined.reject("user7@corp.example", "421 4.7.0 closing, too many errors")
 
-    results, halt = send(smtp_settings(pipelined.port), members())
+    results, halt = send(server.settings, members())
 
     outcome = dict(results)
     assert not outcome[7].ok and not outcome[7].permanent and outcome[7].reason.startswith("421")
@@ -81,14 +123,16 @@ def test_421_mid_group_closes_the_connection_and_the_rest_reconnects(pipelined):
     assert halt is None and pipelined.connections == 2
 
 
-def test_a_connection_dropped_after_the_content_leaves_that_message_unconfirmed_and_loses_nothing(pipelined):
+def test_a_connection_dropped_after_the_content_leaves_that_message_unconfirmed_and_loses_nothing(server):
+    pipelined = server.sink
+
     def drop_at_member_4(session, envelope):
         if envelope.rcpt_tos == ["user4@corp.example"]:
             pipelined.drop_after_content(1)
 
     pipelined.on_data = drop_at_member_4
 
-    results, halt = send(smtp_settings(pipelined.port), members(8))
+    results, halt = send(server.settings, members(8))
 
     outcome = dict(results)
     assert not outcome[4].ok and not outcome[4].permanent and "may have arrived" in outcome[4].reason
@@ -100,22 +144,21 @@ def test_a_connection_dropped_after_the_content_leaves_that_message_unconfirmed_
     assert halt is None and pipelined.connections == 2
 
 
-def test_a_slow_server_gets_every_message_once():
-    class Slow(SmtpSink):
-        async def handle_DATA(self, server, session, envelope):
-            await asyncio.sleep(0.05)
-            return await super().handle_DATA(server, session, envelope)
+class Slow(SmtpSink):
+    async def handle_DATA(self, server, session, envelope):
+        await asyncio.sleep(0.05)
+        return await super().handle_DATA(server, session, envelope)
 
-    with Slow(pipelining=True) as server:
-        results, halt = send(smtp_settings(server.port, SMTP_CONNECTIONS="2"), members(10))
+
+@pytest.mark.parametrize("mode", MODES, ids=_mode_id)
+def test_a_slow_server_gets_every_message_once(ca, tmp_path, mode):
+    import dataclasses
+
+    with serving(ca, tmp_path, *mode, sink_class=Slow) as slow:
+        results, halt = send(dataclasses.replace(slow.settings, smtp_connections=2), members(10))
 
     assert halt is None and sorted(i for i, r in results if r.ok) == list(range(1, 11))
-    assert sorted(m["X-RcptTo"] for m in server.messages) == sorted(f"user{i}@corp.example" for i in range(1, 11))
-
-
-@pytest.fixture(scope="module")
-def ca():
-    return trustme.CA()
+    assert sorted(m["X-RcptTo"] for m in slow.sink.messages) == sorted(f"user{i}@corp.example" for i in range(1, 11))
 
 
 @pytest.mark.parametrize("security", ["starttls", "ssl"])
