@@ -157,6 +157,21 @@ def test_the_envelope_is_not_parsed_before_the_signature_is_checked(make_app, cr
     assert response.data == b"success" and len(parsed) == 1  # only the decrypted, authenticated event
 
 
+@pytest.mark.parametrize("event", [
+    '<?xml version="1.0"?><!DOCTYPE x [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;">]><xml>&b;</xml>',
+    '<!DOCTYPE xml SYSTEM "http://127.0.0.1:9/x"><xml><MsgType>event</MsgType></xml>',
+    '<?xml version="1.0" encoding="UTF-16"?><!DOCTYPE x [<!ENTITY a "b">]><xml>&a;</xml>',
+], ids=["entity expansion", "external DTD", "behind a UTF-16 declaration"])
+def test_an_authenticated_event_with_a_dtd_is_refused_and_records_nothing(
+        make_app, crypto, event):
+    app = make_app()
+    packet = crypto.encrypt(event)  # signed and encrypted with the right keys: only its content is wrong
+    response = app.test_client().post("/wecom/callback?" + urlencode(packet["query"]), data=packet["body"],
+                                      content_type="text/xml")
+    assert response.status_code == 400
+    assert event_rows(app.extensions["wecom_mailer"].engine) == []
+
+
 @pytest.mark.parametrize("body,reason", [
     (b"<xml><Encrypt>AAAA</Encrypt><Encrypt>BBBB</Encrypt></xml>", "more than one Encrypt element"),
     (b"<xml><Encrypt>&amp;AAAA</Encrypt></xml>", "Encrypt"),
