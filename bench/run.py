@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sqlalchemy as sa  # noqa: E402
 
 from bench import harness as h  # noqa: E402
+from bench.busy_ingest import SIZE as BUSY_SIZE, callbacks_during_fanout  # noqa: E402
 from bench.digest import digest  # noqa: E402
 from bench.pace import pace  # noqa: E402
 from bench.reconcile_round import reconcile  # noqa: E402
@@ -70,7 +71,7 @@ def ingest(run: Run) -> None:
     """Floor, service (WORKER_IN_WEB=false) and each --before checkout's service (the same, from that
     checkout, on its own database) up side by side, measured in alternation, best of --repeats rounds each;
     then the service with its delivery threads (WORKER_IN_WEB=true) on its own (its threads work through the
-    recorded events, so it must not run beside a floor measurement)."""
+    recorded events, so it must not run beside a floor measurement); then that shape again during a fan-out."""
     args = run.args
     with contextlib.ExitStack() as stack:
         url, url_worker = stack.enter_context(h.database("ingest")), stack.enter_context(h.database("ingestw"))
@@ -119,6 +120,7 @@ def ingest(run: Run) -> None:
             with_worker.stop()
         run.raw["ingest service, WORKER_IN_WEB=true"] = with_worker.best
         _ingest_rows(run, "service, WORKER_IN_WEB=true", with_worker.best, floor)
+    _busy_rows(run, floor)
 
 
 def _before_rows(run: Run, commit: str, measured: dict, floor: dict) -> None:
@@ -139,6 +141,26 @@ def _after_before_rows(run: Run, commit: str, after: dict, before: dict, half: f
     run.add("ingest", f"  after / before ({commit}): p99 at {half:.0f}/s",
             f"{after['half']['p99_ms'] / before['half']['p99_ms']:.2f}",
             f"{after['half']['p99_ms']:.1f} vs {before['half']['p99_ms']:.1f} ms")
+
+
+def _busy_rows(run: Run, floor: dict) -> None:
+    """Callback answers during a fan-out, wrk at a tenth of the floor's maximum rate: far above what a
+    directory sends, and below what the WORKER_IN_WEB=true service holds when idle on two cores (at a quarter
+    it was saturated before any fan-out, and the row measured that instead)."""
+    rate = round(floor["max"]["rps"] / 10)
+    say(f"ingest: callbacks at {rate}/s during a {BUSY_SIZE:,}-member fan-out (WORKER_IN_WEB=true)")
+    result = callbacks_during_fanout(run, rate)
+    run.raw["ingest during fan-out"] = result
+    busy, idle = result["wrk"], result["idle"]
+    kept_up = busy["rps"] >= rate * 0.95
+    run.add("ingest", f"during a {BUSY_SIZE:,}-member fan-out: p50/p99 at {rate}/s (floor max/10), "
+                      f"{busy['rps']:.0f}/s reached", f"{busy['p50_ms']:.1f}/{busy['p99_ms']:.1f} ms",
+            f"idle: {idle['p50_ms']:.1f}/{idle['p99_ms']:.1f} ms", busy["p99_ms"] / idle["p99_ms"],
+            "p99 < 100 ms at that rate", busy["p99_ms"] < 100 and kept_up and result["still_running"])
+    window = result["window_s"]
+    run.add("ingest", f"  mails at the sink during that wrk window ({window:.1f} s)",
+            f"{result['mails_in_window']:,} ({result['mails_in_window'] / window:.0f}/s)",
+            "still sending after it" if result["still_running"] else "fan-out ended inside it")
 
 
 class _Target:
