@@ -90,7 +90,7 @@ def _callback() -> tuple[Response, str, str]:
     status, reason = ("pending", None) if change.is_member_change else (
         "ignored", f"not a member change ({change.msg_type}/{change.event}/{change.change_type})")
     try:
-        event_id, created = outbox.record_event(parts.engine, xml, change, status, reason)
+        event_id, created = parts.recorder.record(outbox.event_row(xml, change, status, reason, time.time()))
     except StateUnavailable as exc:
         log.error("state database unavailable, answered 503 so WeCom retries: %s", exc)
         return _plain("state database unavailable\n", 503), "unavailable", "state database"

@@ -7,6 +7,7 @@ import os
 import re
 import ssl
 from dataclasses import MISSING, dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
 from typing import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -87,6 +88,11 @@ class Settings:
                   self.admin_token or "", self.secret_key or "", self.metrics_token or "",
                   *_passwords(self.database_url), *_passwords(self.template_database_url)]
         return [v for v in values if v]
+
+    @cached_property
+    def masked_values(self) -> tuple[str, ...]:
+        """secrets(), longest first, computed once: every log line is masked with them."""
+        return tuple(sorted(self.secrets(), key=len, reverse=True))
 
 
 DEFAULTS = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
@@ -358,6 +364,7 @@ def mask(text: str, settings: Settings | None) -> str:
     """Replace every secret value that appears in `text` with ***."""
     if settings is None:
         return text
-    for secret in sorted(settings.secrets(), key=len, reverse=True):
-        text = text.replace(secret, "***")
+    for secret in settings.masked_values:
+        if secret in text:
+            text = text.replace(secret, "***")
     return text

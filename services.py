@@ -12,6 +12,7 @@ from config import Settings
 from delivery.worker import Worker
 from ops import metrics
 from store.db import make_engine
+from store.group_commit import GroupCommit
 from store.tokens import TokenStore
 
 EXTENSION = "wecom_mailer"
@@ -19,12 +20,13 @@ EXTENSION = "wecom_mailer"
 
 @dataclass
 class Services:
-    """Settings, engines, callback crypto and the delivery worker of this process (at most one)."""
+    """Settings, engines, callback crypto, the callbacks' writer and the delivery worker of this process."""
 
     settings: Settings
     engine: Engine
     template_engine: Engine
     crypto: wecom.CallbackCrypto
+    recorder: GroupCommit  # records callbacks: those that arrive together in one INSERT and one commit
     worker: Worker | None = field(default=None)
 
     def wecom_client(self) -> wecom_api.WeComClient:
@@ -61,7 +63,7 @@ def build(settings: Settings) -> Services:
                        else make_engine(settings.template_database_url))
     crypto = wecom.CallbackCrypto(settings.callback_token, settings.callback_aes_key, settings.corp_id,
                                   settings.callback_max_skew)
-    return Services(settings, engine, template_engine, crypto)
+    return Services(settings, engine, template_engine, crypto, GroupCommit(engine, observe=metrics.callback_batch))
 
 
 def of(app: Flask) -> Services:

@@ -12,10 +12,7 @@ import re
 import struct
 import time
 from dataclasses import dataclass, field
-from xml.etree.ElementTree import Element
-
-from defusedxml import DefusedXmlException
-from defusedxml.ElementTree import fromstring as _defused_fromstring
+from xml.etree.ElementTree import Element, fromstring
 from wechatpy.crypto.cryptography import WeChatCipher
 from wechatpy.enterprise.crypto import WeChatCrypto
 
@@ -149,11 +146,19 @@ def _encrypt_value(body: bytes) -> str:
 
 
 def parse_xml(data: bytes | str) -> Element:
-    """Parse XML with DTDs, entities and external references refused."""
+    """Parse XML with DTDs (so entities and external references) refused.
+
+    Entities can only be declared in a DTD, and ElementTree fetches nothing external; so refusing the
+    two markers in the decoded text is what defusedxml's forbid_dtd does, at a third of its cost (the
+    parser is given that same text, which expat then reads as UTF-8 whatever its declaration says)."""
     try:
-        return _defused_fromstring(data, forbid_dtd=True, forbid_entities=True, forbid_external=True)
-    except DefusedXmlException:
-        raise CallbackRejected("XML with a DTD or entities is refused") from None
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError:
+        raise CallbackRejected("body is not XML") from None
+    if "<!DOCTYPE" in text or "<!ENTITY" in text:
+        raise CallbackRejected("XML with a DTD or entities is refused")
+    try:
+        return fromstring(text)
     except Exception:  # ParseError and friends: anything that is not well-formed XML
         raise CallbackRejected("body is not XML") from None
 
@@ -194,16 +199,15 @@ class ContactChange:
 
 def parse_event(xml: str) -> ContactChange:
     """Parse decrypted event XML; raise CallbackRejected when a member change lacks its UserID."""
-    root = parse_xml(xml.encode("utf-8"))
-    msg_type = _text(root, "MsgType") or ""
-    event = _text(root, "Event") or ""
-    change_type = _text(root, "ChangeType") or ""
-    fields = {}
-    for tag in MEMBER_FIELDS:
-        value = _text(root, tag)
-        if value is not None:
-            fields[tag.lower()] = value
-    create_time = _text(root, "CreateTime")
+    # One pass over the top-level elements (the first of each tag counts, as find() would have it).
+    texts: dict[str, str | None] = {}
+    for node in parse_xml(xml):
+        texts.setdefault(node.tag, None if node.text is None else node.text.strip())
+    msg_type = texts.get("MsgType") or ""
+    event = texts.get("Event") or ""
+    change_type = texts.get("ChangeType") or ""
+    fields = {tag.lower(): texts[tag] for tag in MEMBER_FIELDS if texts.get(tag) is not None}
+    create_time = texts.get("CreateTime")
     departments = tuple(int(d) for d in (fields.get("department") or "").split(",") if _DIGITS.fullmatch(d.strip()))
     change = ContactChange(
         msg_type=msg_type, event=event, change_type=change_type, user_id=fields.get("userid", ""),

@@ -21,6 +21,9 @@ CALLBACKS = Counter("wecom_mailer_callbacks_total", "Callbacks answered, by outc
                     ["outcome", "reason"])
 ACK_SECONDS = Histogram("wecom_mailer_callback_seconds", "Time to answer a callback",
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+CALLBACK_BATCHES = Histogram("wecom_mailer_callback_batch_rows",
+                             "Callbacks recorded per INSERT (group commit): _count batches, _sum rows",
+                             buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 DELIVERIES = Counter("wecom_mailer_deliveries_total", "Delivery attempts by outcome (sent, retry, failed)",
                      ["outcome"])
 EVENTS = Counter("wecom_mailer_events_finished_total", "Events finished, by final status", ["status"])
@@ -88,6 +91,10 @@ class Recorder:
 def callback(outcome: str, reason: str, seconds: float) -> None:
     CALLBACKS.labels(outcome, reason).inc()
     ACK_SECONDS.observe(seconds)
+
+
+def callback_batch(rows: int) -> None:
+    CALLBACK_BATCHES.observe(rows)
 
 
 def admin_login_failed(reason: str) -> None:
