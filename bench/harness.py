@@ -75,8 +75,17 @@ def settings_for(env: dict[str, str]):
     return config.from_env(env)
 
 
-def prepare_state(database_url: str) -> None:
-    """State tables and the original template rows, as `init-db --seed-templates` makes them."""
+def prepare_state(database_url: str, root: Path = ROOT) -> None:
+    """State tables and the original template rows, as `init-db --seed-templates` makes them; for another
+    checkout (`root`), by that checkout's own `init-db`, so the code before a change runs on its own schema."""
+    if Path(root).resolve() != ROOT:
+        # The command needs a complete configuration; it connects to nothing but the database.
+        env = service_env(database_url, "http://127.0.0.1:9", 9)
+        done = subprocess.run([sys.executable, "-m", "flask", "--app", "app", "init-db", "--seed-templates"],
+                              cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"init-db in {root} failed:\n{done.stdout}{done.stderr}")
+        return
     import templates_repo
     from store import db, migrate
 
@@ -102,7 +111,7 @@ def start_worker(url: str, api_base: str, smtp_port: int, size: int, root: Path 
     `root` may be another checkout of the project (the code before a change)."""
     from store import db, schema
 
-    prepare_state(url)
+    prepare_state(url, root)
     stats_dir = OUT / f"stats-{url.rsplit('/', 1)[1]}"
     shutil.rmtree(stats_dir, ignore_errors=True)
     stats_dir.mkdir(parents=True)
@@ -138,10 +147,11 @@ class Service:
         self.proc = subprocess.Popen(args, cwd=root, env=env, stdout=self._log, stderr=subprocess.STDOUT)
 
     @classmethod
-    def gunicorn(cls, app_spec: str, env: dict[str, str], port: int, name: str) -> "Service":
-        """The shipped gunicorn.conf.py (2 workers, 4 threads each), bound to 127.0.0.1:port."""
+    def gunicorn(cls, app_spec: str, env: dict[str, str], port: int, name: str, root: Path = ROOT) -> "Service":
+        """The shipped gunicorn.conf.py (2 workers, 4 threads each), bound to 127.0.0.1:port; from another
+        checkout (`root`), that checkout's own gunicorn.conf.py and code."""
         env = dict(env, PORT=str(port), BIND=f"127.0.0.1:{port}")
-        service = cls([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", app_spec], env, name)
+        service = cls([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", app_spec], env, name, root)
         service.base = f"127.0.0.1:{port}"
         service.port = port
         wait_for(lambda: service._answers(), 60, 0.1, f"gunicorn {app_spec} on port {port}")

@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sqlalchemy as sa  # noqa: E402
 
 from bench import harness as h  # noqa: E402
+from bench.busy_ingest import SIZE as BUSY_SIZE, callbacks_during_fanout  # noqa: E402
 from bench.digest import digest  # noqa: E402
 from bench.pace import pace  # noqa: E402
 from bench.reconcile_round import reconcile  # noqa: E402
@@ -56,7 +57,7 @@ class Run:
         self.rows.append(row)
         ratio = f"{row.ratio:.2f}" if row.ratio is not None else "—"
         verdict = {True: "ok", False: "MISSED", None: ""}[row.ok]
-        print(f"  {row.section:<7} {row.what:<52} {row.value:>22} {row.floor:>22} {ratio:>6} {verdict}",
+        print(f"  {row.section:<7} {row.what:<60} {row.value:>22} {row.floor:>22} {ratio:>6} {verdict}",
               flush=True)
 
 
@@ -67,21 +68,29 @@ def say(text: str) -> None:
 # --- 1. ingest ------------------------------------------------------------------------------------
 
 def ingest(run: Run) -> None:
-    """Floor and service (WORKER_IN_WEB=false) up side by side, measured in alternation, best of
-    --repeats rounds each; then the service with its delivery threads (WORKER_IN_WEB=true) on its own
-    (its threads work through the recorded events, so it must not run beside a floor measurement)."""
+    """Floor, service (WORKER_IN_WEB=false) and each --before checkout's service (the same, from that
+    checkout, on its own database) up side by side, measured in alternation, best of --repeats rounds each;
+    then the service with its delivery threads (WORKER_IN_WEB=true) on its own (its threads work through the
+    recorded events, so it must not run beside a floor measurement); then that shape again during a fan-out."""
     args = run.args
-    with h.database("ingest") as url, h.database("ingestw") as url_worker:
+    with contextlib.ExitStack() as stack:
+        url, url_worker = stack.enter_context(h.database("ingest")), stack.enter_context(h.database("ingestw"))
         h.prepare_state(url)
         h.prepare_state(url_worker)
         env = h.service_env(url, run.standin.api_base, run.sink.port)
-        targets = {"floor": _Target("bench.floor_app:create_app()", env, "floor", args),
-                   "service": _Target("app:create_app()", env, "service", args)}
+        targets: dict[str, _Target] = {}
         try:
+            targets["floor"] = _Target("bench.floor_app:create_app()", env, "floor", args)
+            targets["service"] = _Target("app:create_app()", env, "service", args)
+            for commit, root in args.before:
+                url_before = stack.enter_context(h.database(f"ingestb{len(targets)}"))
+                h.prepare_state(url_before, root)
+                env_before = h.service_env(url_before, run.standin.api_base, run.sink.port)
+                targets[commit] = _Target("app:create_app()", env_before, f"before-{commit}", args, root)
             for attempt in range(args.repeats):
                 say(f"ingest: maximum rate, round {attempt + 1} of {args.repeats}")
-                for target in targets.values():
-                    target.measure_max()
+                rates = [f"{name} {target.measure_max():.0f}/s" for name, target in targets.items()]
+                say("  " + ", ".join(rates))  # each round's figures: the spread shows the noise
             half = targets["floor"].best["max"]["rps"] / 2
             for attempt in range(args.repeats):
                 say(f"ingest: {half:.0f}/s, round {attempt + 1} of {args.repeats}")
@@ -90,11 +99,16 @@ def ingest(run: Run) -> None:
         finally:
             for target in targets.values():
                 target.stop()
-        floor = targets["floor"].best
+        floor, service = targets["floor"].best, targets["service"].best
         run.floors["ingest"] = floor
         run.raw["ingest floor"] = floor
-        run.raw["ingest service, WORKER_IN_WEB=false"] = targets["service"].best
-        _ingest_rows(run, "service, WORKER_IN_WEB=false", targets["service"].best, floor)
+        run.raw["ingest service, WORKER_IN_WEB=false"] = service
+        for commit, _ in args.before:
+            run.raw[f"ingest before {commit}, WORKER_IN_WEB=false"] = targets[commit].best
+            _before_rows(run, commit, targets[commit].best, floor)
+        _ingest_rows(run, "service, WORKER_IN_WEB=false", service, floor)
+        for commit, _ in args.before:
+            _after_before_rows(run, commit, service, targets[commit].best, half)
         with_worker = _Target("app:create_app()", h.service_env(url_worker, run.standin.api_base, run.sink.port,
                                                                 WORKER_IN_WEB="true"), "service-worker", args)
         try:
@@ -106,16 +120,57 @@ def ingest(run: Run) -> None:
             with_worker.stop()
         run.raw["ingest service, WORKER_IN_WEB=true"] = with_worker.best
         _ingest_rows(run, "service, WORKER_IN_WEB=true", with_worker.best, floor)
+    _busy_rows(run, floor)
+
+
+def _before_rows(run: Run, commit: str, measured: dict, floor: dict) -> None:
+    """The before-checkout's rate and fixed-rate p99 against the floor (no target: it is the reference)."""
+    got, base = measured["max"]["rps"], floor["max"]["rps"]
+    run.add("ingest", f"callbacks/s, before {commit}, WORKER_IN_WEB=false", f"{got:.0f}/s", f"{base:.0f}/s",
+            got / base)
+    half, base_half = measured["half"], floor["half"]
+    run.add("ingest", f"  p99 latency at {floor['max']['rps'] / 2:.0f}/s, before {commit}, "
+                      f"{half['rps']:.0f}/s reached", f"{half['p99_ms']:.1f} ms", f"{base_half['p99_ms']:.1f} ms",
+            half["p99_ms"] / base_half["p99_ms"])
+
+
+def _after_before_rows(run: Run, commit: str, after: dict, before: dict, half: float) -> None:
+    """This checkout's service over the before-checkout's: callbacks/s (> 1 is better) and p99 (< 1 is better)."""
+    run.add("ingest", f"  after / before ({commit}): callbacks/s", f"{after['max']['rps'] / before['max']['rps']:.2f}",
+            f"{after['max']['rps']:.0f} vs {before['max']['rps']:.0f}/s")
+    run.add("ingest", f"  after / before ({commit}): p99 at {half:.0f}/s",
+            f"{after['half']['p99_ms'] / before['half']['p99_ms']:.2f}",
+            f"{after['half']['p99_ms']:.1f} vs {before['half']['p99_ms']:.1f} ms")
+
+
+def _busy_rows(run: Run, floor: dict) -> None:
+    """Callback answers during a fan-out, wrk at a tenth of the floor's maximum rate: far above what a
+    directory sends, and below what the WORKER_IN_WEB=true service holds when idle on two cores (at a quarter
+    it was saturated before any fan-out, and the row measured that instead)."""
+    rate = round(floor["max"]["rps"] / 10)
+    say(f"ingest: callbacks at {rate}/s during a {BUSY_SIZE:,}-member fan-out (WORKER_IN_WEB=true)")
+    result = callbacks_during_fanout(run, rate)
+    run.raw["ingest during fan-out"] = result
+    busy, idle = result["wrk"], result["idle"]
+    kept_up = busy["rps"] >= rate * 0.95
+    run.add("ingest", f"during a {BUSY_SIZE:,}-member fan-out: p50/p99 at {rate}/s (floor max/10), "
+                      f"{busy['rps']:.0f}/s reached", f"{busy['p50_ms']:.1f}/{busy['p99_ms']:.1f} ms",
+            f"idle: {idle['p50_ms']:.1f}/{idle['p99_ms']:.1f} ms", busy["p99_ms"] / idle["p99_ms"],
+            "p99 < 100 ms at that rate", busy["p99_ms"] < 100 and kept_up and result["still_running"])
+    window = result["window_s"]
+    run.add("ingest", f"  mails at the sink during that wrk window ({window:.1f} s)",
+            f"{result['mails_in_window']:,} ({result['mails_in_window'] / window:.0f}/s)",
+            "still sending after it" if result["still_running"] else "fan-out ended inside it")
 
 
 class _Target:
     """One gunicorn under load; every run gets fresh, distinct, pre-signed requests (none is sent twice)."""
 
-    def __init__(self, app_spec: str, env: dict, name: str, args):
+    def __init__(self, app_spec: str, env: dict, name: str, args, root: Path = h.ROOT):
         self.name, self.seconds, self.per_run = name, args.load_seconds, args.requests
         self.port = h.free_port()
         self.runs = 0
-        self.service = h.Service.gunicorn(app_spec, env, self.port, f"ingest-{name}-{self.port}")
+        self.service = h.Service.gunicorn(app_spec, env, self.port, f"ingest-{name}-{self.port}", root)
         self.best: dict = {"serial": _serial_latency(self.port, 200, f"ser{self.port}x")}
         h.wrk(self.port, self._requests(self.per_run // 5), 0, self.per_run // 5, 1)  # warm-up
 
@@ -124,7 +179,7 @@ class _Target:
         return h.write_requests(h.OUT / f"requests-{self.name}-{self.port}.txt", count,
                                 f"i{self.port}r{self.runs}x")
 
-    def measure_max(self) -> None:
+    def measure_max(self) -> float:
         requests, pids, db = self._requests(self.per_run), self.service.pids, h.mariadb_pid()
         before = [h.cpu_seconds(pid) for pid in pids], h.cpu_seconds(db) if db else 0.0
         result = h.wrk(self.port, requests, 0, self.per_run, self.seconds)
@@ -134,6 +189,7 @@ class _Target:
             result["db_cpu_us"] = (after[1] - before[1]) / result["requests"] * 1e6
         if _check_wrk({"max": result}, self.name) and result["rps"] > self.best.get("max", {}).get("rps", 0):
             self.best["max"] = result
+        return result["rps"]
 
     def measure_rate(self, rate: float) -> None:
         count = int(rate * self.seconds * 1.3) + 100
@@ -218,7 +274,7 @@ def fanout(run: Run) -> None:
         stats: dict[str, dict] = {}
         with contextlib.ExitStack() as databases:
             workers = {}
-            roots = [("", h.ROOT)] + ([("before: ", run.args.before)] if run.args.before else [])
+            roots = [("", h.ROOT)] + [(f"before {commit}, ", root) for commit, root in run.args.before]
             for prefix, root in roots:
                 for label, extra in (("default", {}), ("SMTP_CONNECTIONS=4", {"SMTP_CONNECTIONS": "4"})):
                     url = databases.enter_context(h.database(f"fan{size}{len(workers)}"))
@@ -246,16 +302,17 @@ def fanout(run: Run) -> None:
         run.add("fanout", "  one message over one connection (1 / floor rate)", f"{1000 / best['floor1']:.2f} ms")
         run.add("fanout", f"{size} members: floor, 4 connections", f"{best['floor4']:.0f} mails/s",
                 f"naive {naive:.0f}/s", best["floor4"] / naive)
-        for label in (w for w in workers if w.startswith("before: ")):
+        for label in (w for w in workers if w.startswith("before ")):
             floor_key = "floor4" if label.endswith("=4") else "floor1"
-            run.add("fanout", f"{size} members: service, {label} ({run.args.before_commit})",
-                    f"{best[label]:.0f} mails/s", f"{best[floor_key]:.0f}/s", best[label] / best[floor_key])
+            run.add("fanout", f"{size} members: {label}", f"{best[label]:.0f} mails/s", f"{best[floor_key]:.0f}/s",
+                    best[label] / best[floor_key])
         for label, floor_key in (("default", "floor1"), ("SMTP_CONNECTIONS=4", "floor4")):
             ratio = best[label] / best[floor_key]
             run.add("fanout", f"{size} members: service, {label}", f"{best[label]:.0f} mails/s",
                     f"{best[floor_key]:.0f}/s", ratio, "≥ 0.80", ratio >= 0.8)
-            if f"before: {label}" in best:
-                run.add("fanout", f"  after / before ({label})", f"{best[label] / best['before: ' + label]:.2f}")
+            for commit, _ in run.args.before:
+                theirs = best[f"before {commit}, {label}"]
+                run.add("fanout", f"  after / before {commit} ({label})", f"{best[label] / theirs:.2f}")
             s = stats.get(label)
             if s:
                 run.add("fanout", f"  db statements per mail ({label})", f"{s['statements'] / size:.2f}",
@@ -565,6 +622,22 @@ def _clean_out(logs: bool) -> None:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
+def _before_checkouts(parser, paths: list[Path]) -> list[tuple[str, Path]]:
+    """(short commit, resolved path) of each --before checkout; the label of its rows is the commit."""
+    checkouts = []
+    for path in paths:
+        path = path.resolve()
+        if not (path / "app.py").is_file() or not (path / "gunicorn.conf.py").is_file():
+            parser.error(f"--before {path}: not a checkout of wecom-mailer (no app.py / gunicorn.conf.py)")
+        head = subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True)
+        commit = head.stdout.strip() or path.name
+        if commit in (c for c, _ in checkouts):
+            commit = f"{commit} {path.name}"  # the same commit twice: the directory tells the rows apart
+        checkouts.append((commit, path))
+    return checkouts
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smaller sizes and shorter loads")
@@ -574,8 +647,9 @@ def main() -> int:
     parser.add_argument("--e2e-sizes", help="comma list of department sizes for the end-to-end rows")
     parser.add_argument("--growth-rows", type=int, help="rows already in each table for the growth rows")
     parser.add_argument("--repeats", type=int, help="fan-out rounds (best of) per size")
-    parser.add_argument("--before", type=Path, help="another checkout (e.g. `git worktree add ../before <commit>`): "
-                                                    "its service is measured beside this one (fan-out, ingest)")
+    parser.add_argument("--before", type=Path, action="append", default=[],
+                        help="another checkout (e.g. `git worktree add ../before <commit>`): its service is "
+                             "measured beside this one (fan-out, ingest); may be given more than once")
     parser.add_argument("--reconcile-size", type=int, help="members of the reconciled department (10,000)")
     parser.add_argument("--reconcile-event-size", type=int,
                         help="members of the department whose event arrives during a round (1,000)")
@@ -584,12 +658,7 @@ def main() -> int:
     overrides = {key: getattr(args, key) for key in ("fanout_sizes", "e2e_sizes", "growth_rows", "repeats",
                                                      "reconcile_size", "reconcile_event_size", "digest_sizes")}
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
-    args.before_commit = None
-    if args.before:
-        args.before = args.before.resolve()
-        head = subprocess.run(["git", "-C", str(args.before), "rev-parse", "--short", "HEAD"], capture_output=True,
-                              text=True)
-        args.before_commit = head.stdout.strip() or args.before.name
+    args.before = _before_checkouts(parser, args.before)
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
@@ -605,9 +674,14 @@ def main() -> int:
     for key, value in overrides.items():
         if value:
             setattr(args, key, [int(n) for n in value.split(",")] if key.endswith("sizes") else value)
-    if "ingest" in args.only or "growth" in args.only:
-        if not shutil.which("wrk"):
-            parser.error("wrk is not installed: apt-get install wrk")
+    args.skipped = []
+    if not shutil.which("wrk"):
+        # No Python client can load the service as hard as wrk does: rather than measure something else
+        # under the same row names, leave those sections out and run the others.
+        args.skipped = [name for name in ("ingest", "growth") if name in args.only]
+        if args.skipped:
+            say(f"wrk not installed: apt-get install wrk; skipping {', '.join(args.skipped)}")
+            args.only = [name for name in args.only if name not in args.skipped]
     from devtools.wecom_standin import WeComStandIn
 
     h.OUT.mkdir(parents=True, exist_ok=True)
@@ -622,6 +696,8 @@ def main() -> int:
             if name in args.only:
                 section(run)
     print_table(run)
+    if args.skipped:
+        say(f"not measured: {', '.join(args.skipped)} (wrk not installed: apt-get install wrk)")
     _clean_out(logs=False)  # request files are large; logs and counters stay for a look
     say(f"done in {time.monotonic() - started:.0f} s; load {os.getloadavg()[0]:.2f}")
     if args.json:
