@@ -148,7 +148,7 @@ class Service:
 
     @classmethod
     def gunicorn(cls, app_spec: str, env: dict[str, str], port: int, name: str, root: Path = ROOT) -> "Service":
-        """The shipped gunicorn.conf.py (2 workers, 4 threads each), bound to 127.0.0.1:port; from another
+        """The shipped gunicorn.conf.py (2 workers, 16 threads each), bound to 127.0.0.1:port; from another
         checkout (`root`), that checkout's own gunicorn.conf.py and code."""
         env = dict(env, PORT=str(port), BIND=f"127.0.0.1:{port}")
         service = cls([sys.executable, "-m", "gunicorn", "-c", "gunicorn.conf.py", app_spec], env, name, root)

@@ -13,6 +13,7 @@ BENCHMARKS.md); a batch of n pays one INSERT, one SELECT and one commit.
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ MAX_ROWS = 200  # per INSERT: a few hundred KB of XML, well inside max_allowed_p
 # WeCom waits 5 s for an answer. A row still queued after this long (the writer ahead of it is stuck on a
 # hung database, whose reads time out after 3 s) is answered 503 without being written; WeCom retries it.
 WAIT_SECONDS = 4.0
+# Rows of a batch that failed for a reason of their own are written again one by one, but only within
+# this long of the batch's start: a database that hangs meanwhile must still get WeCom a 503 in time.
+ALONE_SECONDS = 1.0
 
 
 @dataclass(eq=False)
@@ -95,23 +99,36 @@ class GroupCommit:
         """Per row (event id, created) or the error. Rows that fail together for a reason of their own
         (data too long, say; not the connection) are written again one by one, so that one bad callback
         does not fail the callbacks that happened to arrive with it."""
+        started = time.monotonic()
+        # Every row of a write carries the same received_at, also on the retry below: a row found with it
+        # afterwards was created by this write (its first attempt may have committed and lost the answer).
+        stamp = time.time()
+        for row in rows:
+            row["received_at"] = stamp
         try:
             ensure_schema(self.engine)
             for attempt in (1, 2):
-                started = time.monotonic()
+                tried_at = time.monotonic()
                 try:
-                    return write_rows(self._connected(), rows)
+                    return write_rows(self._connected(), rows, stamp)
                 except DBAPIError as exc:
-                    self._connection = None  # a failed statement may leave the connection in any state
+                    self._drop_connection()  # a failed statement may leave the connection in any state
                     # A connection the server has dropped fails at once: one more try on a new one.
-                    if attempt == 2 or not retry_on_new_connection(exc, started):
+                    if attempt == 2 or not retry_on_new_connection(exc, tried_at):
                         raise
         except DBAPIError as exc:
             if len(rows) > 1 and not is_transient_db_error(exc):
-                return [self._write([row])[0] for row in rows]
+                return [self._write([row])[0] if time.monotonic() - started < ALONE_SECONDS else
+                        StateUnavailable(exc.orig.__class__.__name__) for row in rows]
             return [StateUnavailable(exc.orig.__class__.__name__)] * len(rows)
         except StateUnavailable as exc:  # the schema lock was held too long by another process
             return [exc] * len(rows)
+
+    def _drop_connection(self) -> None:
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                self._connection.invalidate()  # closed, and not given back to the pool
+            self._connection = None
 
     def _connected(self) -> Connection:
         # Held across writes: a pool checkout and return cost more CPU than the INSERT itself (measured).
@@ -120,8 +137,9 @@ class GroupCommit:
         return self._connection
 
 
-def write_rows(conn: Connection, rows: list[dict]) -> list[tuple[int, bool]]:
-    """Write event rows (outbox.event_row) on an autocommit connection; per row (event id, created).
+def write_rows(conn: Connection, rows: list[dict], stamp: float) -> list[tuple[int, bool]]:
+    """Write event rows (outbox.event_row, each with received_at = stamp) on an autocommit connection;
+    per row (event id, created). A row found with another received_at was there already (a resend).
 
     The statements are compiled once and run with exec_driver_sql: the Core statement's per-call work
     was half the CPU of a callback's write (measured: 235 µs a row through engine.connect() + execute,
@@ -130,13 +148,9 @@ def write_rows(conn: Connection, rows: list[dict]) -> list[tuple[int, bool]]:
     if len(rows) == 1:  # the lone callback: one round trip, as before group commit
         try:
             return [(conn.exec_driver_sql(sql.insert, rows[0]).lastrowid, True)]
-        except IntegrityError:  # the dedup key exists: a resend
-            return [(conn.exec_driver_sql(sql.find(1), (rows[0]["dedup_key"],)).scalar_one(), False)]
-    # Every row of the batch carries the same received_at, so a row found with it afterwards was created
-    # by this INSERT, and one with another was there already (a resend).
-    stamp = time.time()
-    for row in rows:
-        row["received_at"] = stamp
+        except IntegrityError:  # the dedup key exists
+            [(event_id, _, received_at)] = conn.exec_driver_sql(sql.find(1), (rows[0]["dedup_key"],)).all()
+            return [(event_id, received_at == stamp)]
     keys = tuple(dict.fromkeys(row["dedup_key"] for row in rows))
     conn.exec_driver_sql(sql.insert_new, rows)  # MySQL: one multi-row statement, autocommitted
     found = {key: (event_id, received_at) for event_id, key, received_at
