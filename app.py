@@ -16,7 +16,7 @@ import logs
 import services
 import wecom
 from ops import admin, cli, metrics
-from store import outbox
+from store import recording
 from store.db import StateUnavailable, with_retries
 from store.migrate import ensure_schema, ready
 
@@ -90,7 +90,7 @@ def _callback() -> tuple[Response, str, str]:
     status, reason = ("pending", None) if change.is_member_change else (
         "ignored", f"not a member change ({change.msg_type}/{change.event}/{change.change_type})")
     try:
-        event_id, created = parts.recorder.record(outbox.event_row(xml, change, status, reason, time.time()))
+        event_id, created = parts.recorder.record(recording.event_row(xml, change, status, reason, time.time()))
     except StateUnavailable as exc:
         log.error("state database unavailable, answered 503 so WeCom retries: %s", exc)
         return _plain("state database unavailable\n", 503), "unavailable", "state database"

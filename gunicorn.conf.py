@@ -4,7 +4,7 @@ import sys
 
 bind = os.environ.get("BIND", "127.0.0.1:" + os.environ.get("PORT", "8000"))
 workers = int(os.environ.get("WEB_CONCURRENCY", "2"))
-# Callbacks mostly wait for their commit, and those waiting together share one (store/group_commit.py): under
+# Callbacks mostly wait for their commit, and those waiting together share one (store/recording.py): under
 # load, 16 threads make batches of about 3 rows where 4 made under 2 (BENCHMARKS.md, issue 15).
 threads = int(os.environ.get("GUNICORN_THREADS", "16"))
 # A callback is answered in milliseconds; anything near these limits is a bug, not load.

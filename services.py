@@ -12,7 +12,7 @@ from config import Settings
 from delivery.worker import Worker
 from ops import metrics
 from store.db import make_engine
-from store.group_commit import GroupCommit
+from store.recording import GroupCommit
 from store.tokens import TokenStore
 
 EXTENSION = "wecom_mailer"

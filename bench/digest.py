@@ -26,10 +26,10 @@ def _stop(worker: dict) -> None:
 
 def _record(engine, userid: str) -> int:
     import wecom
-    from store import outbox
+    from store import recording
 
     xml = h.member_event(userid, h.DEPARTMENT)
-    return outbox.record_event(engine, xml, wecom.parse_event(xml), "pending")[0]
+    return recording.record_event(engine, xml, wecom.parse_event(xml), "pending")[0]
 
 
 def _progress(engine) -> tuple[int, int]:

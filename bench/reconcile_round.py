@@ -32,7 +32,7 @@ def reconcile(run) -> None:
     from ops import metrics
     from delivery import reconcile as rec
     from delivery.worker import Worker
-    from store import outbox
+    from store import recording
     import wecom
 
     size, small, repeats = run.args.reconcile_size, run.args.reconcile_event_size, max(3, run.args.repeats)
@@ -108,7 +108,7 @@ def reconcile(run) -> None:
                         thread = threading.Thread(target=one_round, name="bench-round-driver")
                         thread.start()
                     started = time.monotonic()
-                    outbox.record_event(parts.engine, xml, wecom.parse_event(xml), "pending")
+                    recording.record_event(parts.engine, xml, wecom.parse_event(xml), "pending")
                     worker.wakeup.set()
                     if not run.sink.wait(small, 60):
                         raise RuntimeError(f"the sink got {run.sink.count} of {small} mails")

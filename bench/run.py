@@ -348,13 +348,13 @@ def _floor_rate(run: Run, messages, connections: int, per_message: bool = False)
 def _service_rate(run: Run, worker: dict, size: int, tag: str) -> tuple[float, dict]:
     """Record one event for the watched department; mails/s at the sink, and the worker's statements."""
     import wecom
-    from store import outbox, schema
+    from store import recording, schema
 
     before = h.read_stats(worker["stats_dir"])
     run.sink.reset()
     cpu_before = h.cpu_seconds(worker["service"].proc.pid)
     xml = h.member_event(f"user{tag}", h.DEPARTMENT)
-    event_id, _ = outbox.record_event(worker["engine"], xml, wecom.parse_event(xml), "pending")
+    event_id, _ = recording.record_event(worker["engine"], xml, wecom.parse_event(xml), "pending")
     if not run.sink.wait(size, 60 + size * 0.02):
         raise RuntimeError(f"the sink got {run.sink.count} of {size} mails from the service")
     rate = run.sink.rate()

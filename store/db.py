@@ -34,7 +34,7 @@ def make_engine(url: str, autocommit: bool = False) -> Engine:
             dbapi_conn.execute("PRAGMA synchronous=NORMAL")
 
         return engine
-    # The autocommit engine records callbacks. It pings nothing (record_event retries once on a connection
+    # The autocommit engine records callbacks. It pings nothing (store/recording.py retries once on a connection
     # found dead instead), and its timeouts are short: a hung database must still get WeCom a 503 inside
     # the 5 s it waits, so that it retries. A one-row INSERT takes milliseconds when the server is well.
     timeouts = ({"connect_timeout": 2, "read_timeout": 3, "write_timeout": 3} if autocommit else

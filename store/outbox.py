@@ -1,75 +1,16 @@
-"""The outbox: events recorded once, claimed with leases, expanded into deliveries, marked one by one."""
+"""The outbox: events claimed with leases, expanded into deliveries, marked one by one (recording: recording.py)."""
 from __future__ import annotations
 
-import hashlib
 import threading
 import time
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 
 from store import recipients
-from store.db import StateUnavailable, autocommit_engine, with_retries
-from store.migrate import ensure_schema
+from store.db import with_retries
 from store.schema import DELIVERY_OPEN, EVENT_OPEN, deliveries, events, insert_ignore
-
-
-def dedup_key(xml: str) -> str:
-    """Key of an event: WeCom resends the same plaintext, so digest it."""
-    return hashlib.sha256(xml.encode("utf-8")).hexdigest()
-
-
-# --- recording -----------------------------------------------------------------------------
-
-_INSERT_EVENT = events.insert()  # built once: the request path skips constructing it (~20 µs)
-
-
-def event_row(xml: str, change, status: str, reason: str | None, now: float) -> dict:
-    """The wm_events row of a decrypted callback (the key columns cut to their widths)."""
-    return {"dedup_key": dedup_key(xml), "change_type": change.change_type[:32], "user_id": change.user_id[:64],
-            "departments": ",".join(str(d) for d in change.departments)[:255],
-            "create_time": change.create_time, "xml": xml, "status": status, "reason": reason,
-            "attempts": 0, "received_at": now, "next_attempt_at": 0, "source": "callback"}
-
-
-# The columns event_row fills, in its order: store/group_commit.py compiles its statements for exactly these.
-EVENT_ROW_COLUMNS = ("dedup_key", "change_type", "user_id", "departments", "create_time", "xml", "status", "reason",
-                     "attempts", "received_at", "next_attempt_at", "source")
-
-
-def record_event(engine: Engine, xml: str, change, status: str, reason: str | None = None) -> tuple[int, bool]:
-    """Record a decrypted event once; return (event id, created). Raises StateUnavailable."""
-    return record_row(engine, event_row(xml, change, status, reason, time.time()))
-
-
-def record_row(engine: Engine, row: dict) -> tuple[int, bool]:
-    """Write one event row (see event_row) unless its dedup key exists; (event id, created)."""
-    try:
-        ensure_schema(engine)
-        # A plain INSERT: MySQL's INSERT IGNORE would also turn "data too long" into a warning and cut the XML.
-        # Autocommitted: recorded for good in one round trip (no ping, no COMMIT, no ROLLBACK to the pool).
-        for attempt in (1, 2):
-            started = time.monotonic()
-            try:
-                with autocommit_engine(engine).connect() as conn:
-                    return conn.execute(_INSERT_EVENT, row).inserted_primary_key[0], True
-            except DBAPIError as exc:
-                if attempt == 2 or not retry_on_new_connection(exc, started):
-                    raise
-    except IntegrityError:  # the dedup key exists: a resend
-        with autocommit_engine(engine).connect() as conn:
-            found = sa.select(events.c.id).where(events.c.dedup_key == row["dedup_key"])
-            return conn.execute(found).scalar_one(), False
-    except DBAPIError as exc:
-        raise StateUnavailable(str(exc.orig.__class__.__name__)) from exc
-
-
-def retry_on_new_connection(exc: DBAPIError, started: float) -> bool:
-    """A pooled connection the server has dropped fails at once: worth one more try on a new one.
-    A slow failure (a hung server) is not retried: WeCom's 5 s are nearly spent."""
-    return exc.connection_invalidated and time.monotonic() - started <= 1
-
 
 # --- claiming events -----------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ import pytest
 
 import wecom
 from delivery.digest import id_ranges, quiet_until
-from store import db, digests, outbox, schema
+from store import db, digests, migrate, outbox, recording, schema
 from store.recipients import Hold
 from support import change_xml, count, rows
 from support.digests import MEMBERS, SHANGHAI, T0, Clock, changes_received, digest_worker, mails_by_recipient
@@ -132,13 +132,13 @@ def test_held_deliveries_still_go_after_the_digest_is_turned_off(department, pos
 def test_two_expansions_at_one_moment_never_both_send_at_once(db_url):
     """The Novu trap (duplicates when events land in the same second): each address's row is locked."""
     engine = db.make_engine(db_url)
-    outbox.ensure_schema(engine)
+    migrate.ensure_schema(engine)
     for round_ in range(5):
         addresses = [f"r{round_}m{i}@corp.example" for i in range(20)]
         ids = []
         for userid in ("a", "b"):
             xml = change_xml("create_user", f"{userid}{round_}")
-            ids.append(outbox.record_event(engine, xml, wecom.parse_event(xml), "pending")[0])
+            ids.append(recording.record_event(engine, xml, wecom.parse_event(xml), "pending")[0])
             assert outbox.claim_event(engine, f"owner-{userid}", 30, now=T0) is not None
         start = threading.Barrier(2)
 

@@ -14,7 +14,7 @@ from alembic import command
 
 import wecom
 import wecom_api
-from store import db, migrate, outbox, schema
+from store import db, migrate, outbox, recording, schema
 from support import ROOT, change_xml, count, rows
 from support.digests import Clock
 from support.legacy import legacy_release
@@ -82,7 +82,7 @@ def test_a_database_of_the_last_hand_kept_release_is_upgraded_with_every_row_int
     taken = outbox.claim_event(engine, "new-worker", 30)
     assert taken is not None and taken.status in ("pending", "sending")
     xml = change_xml("create_user", "after-upgrade")
-    event_id, created = outbox.record_event(engine, xml, wecom.parse_event(xml), "pending")
+    event_id, created = recording.record_event(engine, xml, wecom.parse_event(xml), "pending")
     assert created and event_id == 5
     engine.dispose()
 
@@ -152,11 +152,11 @@ def test_a_database_at_0002_with_open_deliveries_upgrades_to_the_digest_and_lose
     sending, pending = change_xml("create_user", "halfway"), change_xml("update_user", "untouched")
     with engine.begin() as conn:
         conn.execute(OLD_EVENTS.insert(), [
-            {"id": 1, "dedup_key": outbox.dedup_key(sending), "change_type": "create_user", "user_id": "halfway",
+            {"id": 1, "dedup_key": recording.dedup_key(sending), "change_type": "create_user", "user_id": "halfway",
              "departments": "2", "create_time": 1700000000, "xml": sending, "status": "sending",
              "subject": "新增成员", "body": "新增成员 ID：halfway", "attempts": 0, "received_at": 1700000000.0,
              "next_attempt_at": 0, "lease_owner": "old-worker", "lease_until": 1.0},  # a dead worker's
-            {"id": 2, "dedup_key": outbox.dedup_key(pending), "change_type": "update_user", "user_id": "untouched",
+            {"id": 2, "dedup_key": recording.dedup_key(pending), "change_type": "update_user", "user_id": "untouched",
              "departments": "2", "create_time": 1700000001, "xml": pending, "status": "pending",
              "subject": None, "body": None, "attempts": 0, "received_at": 1700000001.0, "next_attempt_at": 0,
              "lease_owner": None, "lease_until": None}])

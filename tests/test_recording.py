@@ -1,4 +1,4 @@
-"""Recording callbacks with group commit (store/group_commit.py): rows that arrive together are written in
+"""Recording callbacks with group commit (store/recording.py): rows that arrive together are written in
 one statement, each caller learns its own event id and whether it was new, and a failure is nobody's success."""
 from __future__ import annotations
 
@@ -10,16 +10,16 @@ import pytest
 import sqlalchemy as sa
 
 import wecom
-from store import migrate, outbox
+from store import migrate
 from store.db import StateUnavailable, make_engine
-from store.group_commit import GroupCommit
+from store.recording import GroupCommit, event_row
 from store.schema import events
 from support import DEPARTMENT, TEST_CORP_ID, rows
 
 
 def _row(userid: str, **changes) -> dict:
     xml = wecom.event_xml("create_user", userid, TEST_CORP_ID, str(DEPARTMENT), create_time=1_700_000_000)
-    return dict(outbox.event_row(xml, wecom.parse_event(xml), "pending", None, time.time()), **changes)
+    return dict(event_row(xml, wecom.parse_event(xml), "pending", None, time.time()), **changes)
 
 
 @pytest.fixture

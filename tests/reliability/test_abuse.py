@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import services
-from store import migrate, outbox, schema
+from store import migrate, recording, schema
 import wecom
 from support import ROOT, TEST_AES_KEY, TEST_CORP_ID, TEST_SECRET, TEST_TOKEN
 from support.reliability import (event_xml, figure, packet, post, prepare_database, reliability_env, rows, wait_for)
@@ -170,7 +170,7 @@ def test_authentic_events_with_odd_contents_are_recorded_whole_and_never_jam_the
         if response.status_code == 200:
             with engine.connect() as conn:
                 stored = conn.execute(sa.select(schema.events.c.xml)
-                                      .where(schema.events.c.dedup_key == outbox.dedup_key(xml))).scalar_one()
+                                      .where(schema.events.c.dedup_key == recording.dedup_key(xml))).scalar_one()
             assert stored == xml  # recorded whole, never cut short
 
     authentic()

@@ -1,0 +1,176 @@
+"""Reading environment variables: typed, and every error names the variable and says how to fix it."""
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import ssl
+from pathlib import Path
+from typing import Mapping
+
+MIN_ADMIN_TOKEN = 32
+TOKEN_HOWTO = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+_NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")  # ASCII only: float() also takes '١٢'
+_CLOCK = re.compile(r"([01]?[0-9]|2[0-3]):([0-5][0-9])")
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names it and says how to fix it."""
+
+
+class Reader:
+    """Typed access to the environment; every error names the variable."""
+
+    def __init__(self, env: Mapping[str, str]):
+        self.env = env
+
+    def raw(self, name: str) -> str | None:
+        # NAME_FILE lets secrets come from a mounted file (Docker/Kubernetes secrets).
+        file_name = self.env.get(name + "_FILE")
+        if file_name and not self.env.get(name):
+            try:
+                return Path(file_name).read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ConfigError(f"{name}_FILE points to {file_name!r}, which cannot be read "
+                                  f"({exc.strerror})") from None
+        value = self.env.get(name)
+        return None if value is None else value.strip()
+
+    def text(self, name: str, default: str) -> str:
+        value = self.raw(name)
+        return default if value in (None, "") else value
+
+    def secret(self, name: str) -> str:
+        return self.raw(name) or ""
+
+    def required(self, name: str, how: str) -> str:
+        value = self.raw(name)
+        if not value:
+            raise ConfigError(f"{name} is required: {how}")
+        return value
+
+    def bool(self, name: str, default: bool) -> bool:
+        value = self.raw(name)
+        if value in (None, ""):
+            return default
+        if value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false (got {value!r})")
+
+    def number(self, name: str, default: float, lo: float, hi: float, whole: bool = False) -> float:
+        value = self.raw(name)
+        if value in (None, ""):
+            return default
+        if not _NUMBER.fullmatch(value) or (whole and "." in value):
+            kind = "a whole number" if whole else "a number"
+            raise ConfigError(f"{name} must be {kind} written with the digits 0-9 (got {value!r})")
+        number = int(value) if whole else float(value)
+        if not lo <= number <= hi:
+            raise ConfigError(f"{name} must be between {lo:g} and {hi:g} (got {number:g})")
+        return number
+
+    def int(self, name: str, default: int, lo: int, hi: int) -> int:
+        return int(self.number(name, default, lo, hi, whole=True))
+
+    def choice(self, name: str, default: str, options: tuple[str, ...], upper: bool = False) -> str:
+        value = self.text(name, default)
+        value = value.upper() if upper else value.lower()
+        if value not in options:
+            raise ConfigError(f"{name} must be one of {', '.join(options)} (got {value!r})")
+        return value
+
+    def csv(self, name: str, default: str) -> list[str]:
+        return [part.strip() for part in self.text(name, default).split(",") if part.strip()]
+
+    def identifier(self, name: str, default: str) -> str:
+        value = self.text(name, default)
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,63}", value):
+            raise ConfigError(f"{name} must be a plain table name of letters, digits and _ (got {value!r})")
+        return value
+
+    def url(self, name: str, default: str) -> str:
+        value = self.text(name, default)
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ConfigError(f"{name} is not a database URL: use e.g. "
+                              "mysql+pymysql://user:password@host:3306/dbname or sqlite:///var/state.db") from None
+        if url.get_backend_name() not in ("sqlite", "mysql", "mariadb"):
+            raise ConfigError(f"{name} must use mysql+pymysql:// or sqlite:/// "
+                              f"(got {url.get_backend_name()}://)")
+        if url.get_backend_name() in ("mysql", "mariadb") and url.get_driver_name() != "pymysql":
+            raise ConfigError(f"{name} must name the pymysql driver: mysql+pymysql://…")
+        return value
+
+    def ca_file(self, name: str) -> str | None:
+        path = self.text(name, "")
+        if not path:
+            return None
+        try:
+            ssl.create_default_context(cafile=path)
+        except FileNotFoundError:
+            raise ConfigError(f"{name} points to {path!r}, which does not exist: give the path of a PEM "
+                              "bundle of the CA that signed the SMTP server's certificate") from None
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"{name} {path!r} is not a readable PEM certificate bundle "
+                              f"({getattr(exc, 'strerror', None) or exc.__class__.__name__})") from None
+        return path
+
+    def quiet_hours(self, name: str) -> tuple[int, int] | None:
+        value = self.text(name, "")
+        if not value:
+            return None
+        start, _, end = value.partition("-")
+        clocks = [_CLOCK.fullmatch(part.strip()) for part in (start, end)]
+        if not all(clocks):
+            raise ConfigError(f"{name} must be two times HH:MM-HH:MM in TIMEZONE, e.g. 22:00-08:00 "
+                              f"(got {value!r})")
+        begin, finish = (int(m.group(1)) * 60 + int(m.group(2)) for m in clocks)
+        if begin == finish:
+            raise ConfigError(f"{name} starts and ends at the same time ({value!r}): unset it for no quiet hours")
+        return begin, finish
+
+    def admin_token(self) -> str | None:
+        token = self.secret("ADMIN_TOKEN")
+        if token and len(token) < MIN_ADMIN_TOKEN:
+            raise ConfigError(f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN} characters (got {len(token)}): "
+                              f"generate one with {TOKEN_HOWTO}")
+        return token or None
+
+    def callback_token(self) -> str:
+        token = self.required("WECOM_CALLBACK_TOKEN", "copy Token from the contact callback settings (接收事件服务器)")
+        if not re.fullmatch(r"[A-Za-z0-9]{1,32}", token):
+            raise ConfigError(f"WECOM_CALLBACK_TOKEN must be 1-32 letters or digits (got {len(token)} characters "
+                              "of another kind): copy Token from the WeCom admin console")
+        return token
+
+    def aes_key(self) -> str:
+        name = "WECOM_CALLBACK_AES_KEY"
+        key = self.required(name, "copy EncodingAESKey from the contact callback settings (接收事件服务器)")
+        if len(key) != 43:
+            raise ConfigError(f"{name} must be 43 characters (got {len(key)}): "
+                              "copy EncodingAESKey from the WeCom admin console")
+        try:
+            if len(base64.b64decode(key + "=", validate=True)) != 32:
+                raise binascii.Error
+        except binascii.Error:
+            raise ConfigError(f"{name} is not a valid EncodingAESKey (letters and digits only): "
+                              "copy it again from the WeCom admin console") from None
+        return key
+
+    def department_ids(self) -> tuple[int, ...]:
+        name = "WECOM_DEPARTMENT_ID"
+        raw = self.required(name, "find the id under 通讯录 > 部门 (the ⋮ menu next to the department)")
+        ids = []
+        for part in raw.split(","):
+            part = part.strip()
+            if not re.fullmatch(r"[0-9]{1,12}", part) or int(part) < 1:
+                raise ConfigError(f"{name} must be positive integer department ids separated by commas "
+                                  f"(got {part!r})")
+            ids.append(int(part))
+        return tuple(dict.fromkeys(ids))
