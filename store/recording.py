@@ -20,7 +20,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-import sqlalchemy as sa
 from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, IntegrityError
@@ -45,9 +44,6 @@ def dedup_key(xml: str) -> str:
     return hashlib.sha256(xml.encode("utf-8")).hexdigest()
 
 
-_INSERT_EVENT = events.insert()  # built once: the request path skips constructing it (~20 µs)
-
-
 def event_row(xml: str, change, status: str, reason: str | None, now: float) -> dict:
     """The wm_events row of a decrypted callback (the key columns cut to their widths)."""
     return {"dedup_key": dedup_key(xml), "change_type": change.change_type[:32], "user_id": change.user_id[:64],
@@ -62,28 +58,13 @@ EVENT_ROW_COLUMNS = ("dedup_key", "change_type", "user_id", "departments", "crea
 
 
 def record_event(engine: Engine, xml: str, change, status: str, reason: str | None = None) -> tuple[int, bool]:
-    """Record a decrypted event once; return (event id, created). Raises StateUnavailable."""
-    return record_row(engine, event_row(xml, change, status, reason, time.time()))
-
-
-def record_row(engine: Engine, row: dict) -> tuple[int, bool]:
-    """Write one event row (see event_row) unless its dedup key exists; (event id, created)."""
+    """Record a decrypted event once, outside a web request (tests, benchmarks); return (event id,
+    created). Raises StateUnavailable. Callbacks go through their process's GroupCommit."""
+    row = event_row(xml, change, status, reason, time.time())
     try:
         ensure_schema(engine)
-        # A plain INSERT: MySQL's INSERT IGNORE would also turn "data too long" into a warning and cut the XML.
-        # Autocommitted: recorded for good in one round trip (no ping, no COMMIT, no ROLLBACK to the pool).
-        for attempt in (1, 2):
-            started = time.monotonic()
-            try:
-                with autocommit_engine(engine).connect() as conn:
-                    return conn.execute(_INSERT_EVENT, row).inserted_primary_key[0], True
-            except DBAPIError as exc:
-                if attempt == 2 or not retry_on_new_connection(exc, started):
-                    raise
-    except IntegrityError:  # the dedup key exists: a resend
         with autocommit_engine(engine).connect() as conn:
-            found = sa.select(events.c.id).where(events.c.dedup_key == row["dedup_key"])
-            return conn.execute(found).scalar_one(), False
+            return write_rows(conn, [row], row["received_at"])[0]
     except DBAPIError as exc:
         raise StateUnavailable(str(exc.orig.__class__.__name__)) from exc
 

@@ -123,3 +123,25 @@ def test_a_failing_database_fails_the_batch_and_everything_queued_behind_it(engi
     assert len(errors) == 7
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(events)).scalar_one() == 0
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_a_write_whose_answer_was_lost_after_its_commit_is_still_reported_new_on_the_retry(engine, monkeypatch,
+                                                                                          size):
+    from sqlalchemy.exc import DBAPIError
+
+    from store import recording
+    real, calls = recording.write_rows, []
+
+    def committed_then_cut(conn, rows_, stamp):
+        calls.append(len(rows_))
+        outcome = real(conn, rows_, stamp)
+        if len(calls) == 1:  # the commit is done, the answer never reaches us
+            raise DBAPIError("INSERT", {}, ConnectionResetError("reset"), connection_invalidated=True)
+        return outcome
+
+    monkeypatch.setattr(recording, "write_rows", committed_then_cut)
+    outcomes = GroupCommit(engine)._write([_row(f"user{i:04d}") for i in range(1, 4)][:size])
+    assert calls == [size, size]  # retried once, on a new connection
+    assert [created for _, created in outcomes] == [True] * size  # new, not mistaken for WeCom's resends
+    assert len(rows(engine, events)) == size
