@@ -57,7 +57,10 @@ class LatencyProxy:
                 wait = max(0.0, min(0.05, due[0][0] - time.monotonic())) if due else 0.05
                 ready, _, _ = select.select([s for s in peer if open_ends == 2], [], [], wait)
                 for sock in ready:
-                    data = sock.recv(65536)
+                    try:
+                        data = sock.recv(65536)
+                    except OSError:  # reset by one side: the connection ends for both, as on a real link
+                        return
                     if not data:
                         open_ends -= 1
                         continue
