@@ -135,7 +135,6 @@ class GroupCommit:
         self._changed.notify_all()
         self.observe(len(batch))
 
-
     def _write(self, rows: list[dict]) -> list[tuple[int, bool] | StateUnavailable]:
         """Per row (event id, created) or the error. Rows that fail together for a reason of their own
         (data too long, say; not the connection) are written again one by one, so that one bad callback
