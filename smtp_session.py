@@ -129,7 +129,9 @@ class SmtpSession:
                 staged = nxt is not None and self.smtp is not None
                 item = nxt if nxt is not None else take(True)
         finally:
-            if self.pending:  # a staged message or an open DATA left behind: never reuse that connection
+            # A staged message or an open DATA left behind, or an outcome that could not be recorded: never
+            # reuse that connection.
+            if self.pending or _unrecorded(previous):
                 self.close(polite=False)
             _settle(previous)
 
@@ -276,6 +278,10 @@ def _settle(future: Future | None):
 
 def _stopped(future: Future | None) -> bool:
     return future is not None and future.done() and future.result() is False
+
+
+def _unrecorded(future: Future | None) -> bool:
+    return future is not None and future.done() and future.exception() is not None
 
 
 def check(settings: Settings, *, tls_context: ssl.SSLContext | None = None) -> str:

@@ -17,7 +17,7 @@ log = logging.getLogger("wecom_mailer.worker")
 
 @dataclass
 class Tally:
-    """What a round did, counted from the writer threads of its connections."""
+    """What a round did, counted by whichever of its connections records an outcome."""
 
     sent: int = 0
     failed: int = 0

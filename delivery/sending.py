@@ -3,7 +3,6 @@ their outcomes recorded by one writer."""
 from __future__ import annotations
 
 import collections
-import queue
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -44,15 +43,18 @@ def send_batch(settings, items: Iterable[mailer.Outgoing], on_results: OnResults
         finally:
             lock.release()
 
-    def logged(outcomes: list[Outcome]):
+    def log(outcomes: list[Outcome]) -> None:
         for item, result in outcomes:
             mailer.log_result(item, result)
+
+    def logged(outcomes: list[Outcome]):
+        log(outcomes)
         return on_results(outcomes)
 
     renderer = mailer.Renderer(settings)
     try:
         if settings.mail_backend == "smtp":
-            with OutcomeWriter(logged) as writer:
+            with OutcomeWriter(on_results, then=log) as writer:
                 _over_smtp(settings, take, renderer, writer.submit, halts, pool, tls_context, len(waiting))
         else:
             _locally(take, renderer, _local_backend(settings), logged)
@@ -62,13 +64,22 @@ def send_batch(settings, items: Iterable[mailer.Outgoing], on_results: OnResults
 
 
 class OutcomeWriter:
-    """One thread that records the outcomes of every connection of a batch, in the order they come; what
-    several connections hand over while it writes goes into its next write together (one UPDATE for the
-    sent ones). A connection waits only for its own latest outcome."""
+    """Records the outcomes of every connection of a batch, one write at a time and in the order they come;
+    what several connections hand over meanwhile goes into the next write together (one UPDATE for the sent
+    ones). A connection waits only for its own latest outcome.
 
-    def __init__(self, on_results: OnResults):
-        self.on_results = on_results
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+    A thread of its own writes them, so that a connection goes on with its next message while its outcome is
+    written (at loopback that overlap is a quarter of the rate). But a connection that comes to wait for an
+    outcome the thread has not taken yet writes it itself: the thread sleeps between messages when the server
+    is far, and at 20 ms its two wake-ups (take, hand back) cost 0.65 ms of each 23 ms cycle here. The log
+    lines (`then`) are always the thread's, in order, after the waiting connections are released."""
+
+    def __init__(self, on_results: OnResults, then: Callable[[list[Outcome]], None] = lambda outcomes: None):
+        self.on_results, self.then = on_results, then
+        self._changed = threading.Condition()
+        self._queue: collections.deque = collections.deque()  # (item, result, future), not yet taken
+        self._unlogged: collections.deque = collections.deque()  # written, for the thread to log
+        self._writing = self._closing = False
         self._thread = threading.Thread(target=self._run, name="smtp-outcomes", daemon=True)
 
     def __enter__(self) -> "OutcomeWriter":
@@ -76,32 +87,75 @@ class OutcomeWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._queue.put(None)
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
         self._thread.join()
 
     def submit(self, item: mailer.Outgoing, result: mailer.SendResult) -> Future:
-        """Queue one outcome; the future gives what on_results said of its batch (False: stop)."""
-        recorded: Future = Future()
-        self._queue.put((item, result, recorded))
+        """Queue one outcome; the future gives what on_results said of its batch (False: stop), or raises."""
+        recorded = _Recorded(self)
+        with self._changed:
+            self._queue.append((item, result, recorded))
+            self._changed.notify_all()
         return recorded
 
-    def _run(self) -> None:
-        while True:
-            batch = [self._queue.get()]
-            while batch[-1] is not None and not self._queue.empty():
-                batch.append(self._queue.get())
-            entries = [entry for entry in batch if entry is not None]
-            if entries:
-                try:
-                    go_on = self.on_results([(item, result) for item, result, _ in entries])
-                except BaseException as exc:  # the sessions raise it at their next wait
-                    for *_, recorded in entries:
-                        recorded.set_exception(exc)
+    def wait(self, recorded: "_Recorded") -> None:
+        """Until `recorded` is written: by the thread, or here when the thread has not taken it yet."""
+        with self._changed:
+            while not recorded.done():
+                if not self._writing and any(entry[2] is recorded for entry in self._queue):
+                    self._write_queued()
                 else:
-                    for *_, recorded in entries:
-                        recorded.set_result(go_on is not False)
-            if batch[-1] is None:
-                return
+                    self._changed.wait()
+
+    def _run(self) -> None:
+        with self._changed:
+            while True:
+                if self._unlogged:
+                    entries = self._unlogged.popleft()
+                    self._changed.release()
+                    try:
+                        self.then([(item, result) for item, result, _ in entries])
+                    finally:
+                        self._changed.acquire()
+                elif self._queue and not self._writing:
+                    self._write_queued()
+                elif self._closing and not self._queue and not self._writing:
+                    return
+                else:
+                    self._changed.wait()
+
+    def _write_queued(self) -> None:
+        """Write every queued outcome (called holding the condition; writes without it)."""
+        entries, self._writing = list(self._queue), True
+        self._queue.clear()
+        self._changed.release()
+        try:
+            go_on = self.on_results([(item, result) for item, result, _ in entries])
+        except BaseException as exc:  # the sessions raise it at their next wait
+            for *_, recorded in entries:
+                recorded.set_exception(exc)
+        else:
+            for *_, recorded in entries:
+                recorded.set_result(go_on is not False)
+        finally:
+            self._unlogged.append(entries)  # sent or refused, whether or not it could be recorded
+            self._changed.acquire()
+            self._writing = False
+            self._changed.notify_all()
+
+
+class _Recorded(Future):
+    """The future of one outcome: waiting for it may write it (OutcomeWriter.wait)."""
+
+    def __init__(self, writer: OutcomeWriter):
+        super().__init__()
+        self._writer = writer
+
+    def result(self, timeout=None):
+        self._writer.wait(self)
+        return super().result(timeout)
 
 
 def _over_smtp(settings, take, render, submit, halts: list, pool: Pool | None, tls_context, count: int) -> None:

@@ -111,8 +111,8 @@ def due_deliveries(engine: Engine, event_id: int, now: float | None = None) -> l
 
 
 class DeliveryMarks:
-    """Delivery outcomes of a sending round: the writing thread keeps a database connection of its own, every
-    UPDATE autocommitted, so a mark is durable when mark() returns after one round trip (no pool checkout
+    """Delivery outcomes of a sending round: each thread that records keeps a database connection of its own,
+    every UPDATE autocommitted, so a mark is durable when mark() returns after one round trip (no pool checkout
     and ping, no separate COMMIT)."""
 
     def __init__(self, engine: Engine):

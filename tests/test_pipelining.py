@@ -194,8 +194,9 @@ def test_an_outcome_that_cannot_be_recorded_cuts_the_connection_and_the_next_bat
 
         with pytest.raises(RuntimeError, match="database is gone"):
             send_batch(settings, members(5), database_gone_at_2, pool=pool)
-        # Message 3 got as far as DATA; its content never followed: the server kept nothing of it, and the
-        # connection, cut inside DATA, is not kept for the next batch (whose commands would be read as data).
+        # Message 3's content never followed (pipelined: its commands went out with 2's end; one by one: it never
+        # started): the server kept nothing of it, and the connection is not kept for the next batch (whose
+        # commands would be read as data after a staged DATA).
         assert [m["X-RcptTo"] for m in server.messages] == ["user1@corp.example", "user2@corp.example"]
         assert [session.smtp for session in pool.sessions] == [None]
 
