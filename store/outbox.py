@@ -111,14 +111,14 @@ def due_deliveries(engine: Engine, event_id: int, now: float | None = None) -> l
 
 
 class DeliveryMarks:
-    """Delivery outcomes of a sending round: each thread that records keeps a database connection of its own,
-    every UPDATE autocommitted, so a mark is durable when mark() returns after one round trip (no pool checkout
-    and ping, no separate COMMIT)."""
+    """Delivery outcomes of a sending round over one database connection of their own, every UPDATE
+    autocommitted, so a mark is durable when mark() returns after one round trip (no pool checkout and ping,
+    no separate COMMIT). Whichever thread records takes the connection in turn: with SMTP_CONNECTIONS up to
+    32, a connection per thread would outgrow the pool."""
 
     def __init__(self, engine: Engine):
         self.engine = engine
-        self._local = threading.local()
-        self._opened: list = []
+        self._conn = None
         self._lock = threading.Lock()
 
     # Built once: the columns set come from the parameters, so per mark only the values change; the
@@ -148,25 +148,22 @@ class DeliveryMarks:
 
     def _execute(self, statement, parameters: dict) -> None:
         def write():
-            conn = getattr(self._local, "conn", None)
-            if conn is None:
-                conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-                self._local.conn = conn
-                with self._lock:
-                    self._opened.append(conn)
-            try:
-                conn.execute(statement, parameters)
-            except DBAPIError:
-                self._local.conn = None  # the next try starts from a fresh connection
-                conn.close()
-                raise
+            with self._lock:
+                if self._conn is None:
+                    self._conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+                try:
+                    self._conn.execute(statement, parameters)
+                except DBAPIError:
+                    conn, self._conn = self._conn, None  # the next try starts from a fresh connection
+                    conn.close()
+                    raise
         with_retries(write)
 
     def close(self) -> None:
-        """Give every thread's connection back to the pool."""
+        """Give the connection back to the pool."""
         with self._lock:
-            opened, self._opened = self._opened, []
-        for conn in opened:
+            conn, self._conn = self._conn, None
+        if conn is not None:
             conn.close()
 
 

@@ -252,3 +252,32 @@ def test_logs_name_each_member_mailed_and_count_the_event(service, smtp_sink, cr
     assert len(mailed) == 5 and "mailed 王芳 <user0001@corp.example>" in mailed[0]
     assert any("create_user userid=user0003: 5 sent, 0 skipped (no address), 0 failed" in r.getMessage()
                for r in caplog.records if r.name == "wecom_mailer.worker")
+
+
+def test_thirty_two_connections_mail_everyone_once_and_record_over_one_database_connection(
+        service, standin, smtp_sink, crypto):
+    # SMTP_CONNECTIONS goes up to 32; the state database pool holds 15. The outcomes of all connections are
+    # recorded over one database connection (whichever thread records takes it in turn), never one each.
+    standin.set_members(DEPARTMENT, make_members(200, DEPARTMENT))
+    worker = service.make_worker(smtp_connections=32)
+    service.drain(worker)  # the member snapshot
+    held, most = set(), [0]
+
+    def checkout(dbapi_connection, record, proxy):
+        held.add(id(record))
+        most[0] = max(most[0], len(held))
+
+    def checkin(dbapi_connection, record):
+        held.discard(id(record))
+
+    sa.event.listen(service.engine, "checkout", checkout)
+    sa.event.listen(service.engine, "checkin", checkin)
+    try:
+        assert signed_post(service.test_client(), crypto, change("create_user", "user0199")).data == b"success"
+        service.drain(worker)
+    finally:
+        sa.event.remove(service.engine, "checkout", checkout)
+        sa.event.remove(service.engine, "checkin", checkin)
+    assert sorted(m["X-RcptTo"] for m in smtp_sink.messages) == sorted(f"user{i:04d}@corp.example"
+                                                                       for i in range(1, 201))
+    assert most[0] <= 4  # the marks' connection, the lease and the round's own reads; not one per connection
