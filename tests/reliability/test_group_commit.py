@@ -4,13 +4,10 @@ process killed mid-batch, costs WeCom a retry and never an event."""
 from __future__ import annotations
 
 import collections
-import contextlib
 import hashlib
 import os
-import queue
 import re
 import signal
-import socket
 import threading
 import time
 
@@ -21,6 +18,7 @@ import sqlalchemy as sa
 from store import db, schema
 from support.reliability import (event_xml, figure, packet, post, prepare_database, private_mariadb,  # noqa: F401
                                  reliability_env, rows, wait_for)
+from devtools.latency_proxy import LatencyProxy
 
 SUCCESS = (200, "success")
 UNAVAILABLE = (503, "state database unavailable\n")
@@ -80,6 +78,18 @@ def _sending(callbacks: list[Callback], threads: int, send):
     return finish
 
 
+def _streaming(base: str, callbacks: list[Callback], threads: int, after: int):
+    """_sending(...) of plain posts: (answers by userid, an event set once `after` are answered, finish)."""
+    answers: dict[str, tuple[int, str]] = {}
+    reached = threading.Event()
+
+    def send(callback, session):
+        answers[callback.userid] = _answer(base, callback, session)
+        if len(answers) >= after:
+            reached.set()
+    return answers, reached, _sending(callbacks, threads, send)
+
+
 def _send_together(callbacks: list[Callback], threads: int, send) -> None:
     """_sending(...), waited for."""
     _sending(callbacks, threads, send)()
@@ -111,78 +121,18 @@ def _status(url: str) -> int:
 
 DISTINCT = 200
 SENDERS = 48
-DATABASE_RTT = 0.02  # what the service sends the database arrives 20 ms later
-
-
-class DistantDatabase:
-    """A TCP link on 127.0.0.1 to the MariaDB server that delivers what the service sends DATABASE_RTT later:
-    the database on another host. A callback answered before its commit is then answered 20 ms early, while
-    the test reads the row straight from the server: an early answer cannot hide in a microsecond race."""
-
-    def __init__(self, database_url: str):
-        url = sa.engine.make_url(database_url)
-        self.upstream = (url.host, url.port or 3306)
-        self.closing = threading.Event()
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.links: list[socket.socket] = []
-        self.url = url.set(host="127.0.0.1", port=self.listener.getsockname()[1]).render_as_string(
-            hide_password=False)
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        self.listener.settimeout(0.2)
-        while not self.closing.is_set():
-            try:
-                service, _ = self.listener.accept()
-            except OSError:
-                continue
-            database = socket.create_connection(self.upstream, timeout=5)
-            database.settimeout(None)
-            self.links += (service, database)
-            later: queue.SimpleQueue = queue.SimpleQueue()
-            threading.Thread(target=self._delay, args=(service, later), daemon=True).start()
-            threading.Thread(target=self._deliver, args=(later, database), daemon=True).start()
-            threading.Thread(target=self._answer, args=(database, service), daemon=True).start()
-
-    @staticmethod
-    def _delay(service: socket.socket, later: queue.SimpleQueue) -> None:
-        with contextlib.suppress(OSError):
-            while data := service.recv(65536):
-                later.put((time.monotonic() + DATABASE_RTT, data))
-        later.put((0.0, b""))
-
-    @staticmethod
-    def _answer(database: socket.socket, service: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while data := database.recv(65536):
-                service.sendall(data)
-            service.shutdown(socket.SHUT_WR)
-
-    @staticmethod
-    def _deliver(later: queue.SimpleQueue, database: socket.socket) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                due, data = later.get()
-                if not data:
-                    database.shutdown(socket.SHUT_WR)
-                    return
-                # Part of the scenario, not a wait for a condition: the bytes are on the wire until then.
-                time.sleep(max(0.0, due - time.monotonic()))
-                database.sendall(data)
-
-    def close(self) -> None:
-        self.closing.set()
-        self.listener.close()
-        for link in self.links:
-            link.close()
+DATABASE_ONE_WAY = 0.02  # what the service sends the database arrives 20 ms later, and its answers too
 
 
 @pytest.fixture
 def distant_database(mysql_url):
-    """mysql_url's database as the service sees it on another host (DistantDatabase); its URL is `.url`."""
-    link = DistantDatabase(mysql_url)
-    yield link
-    link.close()
+    """mysql_url's database as the service sees it on another host, 20 ms each way (devtools' LatencyProxy);
+    its URL is `.url`. A callback answered before its commit is then answered 20 ms early, while the test reads
+    the row straight from the server: an early answer cannot hide in a microsecond race."""
+    url = sa.engine.make_url(mysql_url)
+    with LatencyProxy((url.host, url.port or 3306), rtt=2 * DATABASE_ONE_WAY) as link:
+        link.url = url.set(host="127.0.0.1", port=link.port).render_as_string(hide_password=False)
+        yield link
 
 
 @pytest.mark.slow
@@ -266,15 +216,7 @@ def test_database_crash_mid_batch_answers_503_never_a_false_success_and_the_retr
     web, base = processes.gunicorn(reliability_env(standin, smtp_sink, private_mariadb.url,
                                                    WORKER_IN_WEB="false"))
     callbacks = [Callback(crypto, f"crash{i:03d}") for i in range(STREAM)]
-    answers: dict[str, tuple[int, str]] = {}
-    crash_now = threading.Event()
-
-    def send(callback, session):
-        answers[callback.userid] = _answer(base, callback, session)
-        if len(answers) >= CRASH_AFTER:
-            crash_now.set()
-
-    finish = _sending(callbacks, 8, send)
+    answers, crash_now, finish = _streaming(base, callbacks, 8, CRASH_AFTER)
     try:
         assert crash_now.wait(timeout=60), "the stream of callbacks never got going"
         private_mariadb.crash()  # while eight senders have callbacks in flight
@@ -364,15 +306,7 @@ def test_sigkill_of_a_web_process_under_load_loses_no_answered_event_and_the_ret
     arbiter = web.proc.pid
     wait_for(lambda: len(_children(arbiter)) == 2, 30, "two gunicorn workers", web)
     callbacks = [Callback(crypto, f"load{i:03d}") for i in range(LOAD)]
-    answers: dict[str, tuple[int, str]] = {}
-    kill_now = threading.Event()
-
-    def send(callback, session):
-        answers[callback.userid] = _answer(base, callback, session)
-        if len(answers) >= KILL_AFTER:
-            kill_now.set()
-
-    finish = _sending(callbacks, 12, send)
+    answers, kill_now, finish = _streaming(base, callbacks, 12, KILL_AFTER)
     try:
         assert kill_now.wait(timeout=60), "the load never got going"
         # The worker serving more of the twelve callers' connections: killed in the middle of its work.
