@@ -69,6 +69,9 @@ class Settings:
     metrics_token: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     log_format: str = "text"
+    # The self-built app (自建应用), shared by WeCom application messages and WeCom sign-in.
+    agent_id: int | None = None
+    app_secret: str | None = field(default=None, repr=False)
 
     @property
     def tz(self) -> ZoneInfo:
@@ -77,7 +80,7 @@ class Settings:
     def secrets(self) -> list[str]:
         """Every secret value, for masking in logs and error messages (database passwords included)."""
         values = [self.contact_secret, self.callback_token, self.callback_aes_key, self.smtp_password,
-                  self.admin_token or "", self.secret_key or "", self.metrics_token or "",
+                  self.admin_token or "", self.secret_key or "", self.metrics_token or "", self.app_secret or "",
                   *_passwords(self.database_url), *_passwords(self.template_database_url)]
         return [v for v in values if v]
 
@@ -181,6 +184,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         metrics_token=r.secret("METRICS_TOKEN") or None,
         log_level=r.choice("LOG_LEVEL", d["log_level"], ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
         log_format=r.choice("LOG_FORMAT", d["log_format"], ("text", "json")),
+        agent_id=r.agent_id(),
+        app_secret=r.secret("WECOM_APP_SECRET") or None,
     )
 
 

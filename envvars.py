@@ -142,6 +142,15 @@ class Reader:
                               f"generate one with {TOKEN_HOWTO}")
         return token or None
 
+    def agent_id(self) -> int | None:
+        value = self.raw("WECOM_AGENT_ID")
+        if not value:
+            return None
+        if not re.fullmatch(r"[0-9]{1,10}", value) or int(value) < 1:
+            raise ConfigError(f"WECOM_AGENT_ID must be the app's AgentId, a positive whole number (got {value!r}): "
+                              "copy it from 应用管理 > 自建应用 > the app")
+        return int(value)
+
     def callback_token(self) -> str:
         token = self.required("WECOM_CALLBACK_TOKEN", "copy Token from the contact callback settings (接收事件服务器)")
         if not re.fullmatch(r"[A-Za-z0-9]{1,32}", token):

@@ -33,6 +33,13 @@ class Services:
         """A WeCom API client whose access token is shared with every process through the state database."""
         return wecom_api.WeComClient(self.settings, TokenStore(self.engine), observe=metrics.Recorder.wecom_call)
 
+    def app_client(self) -> wecom_api.WeComClient | None:
+        """A client holding the self-built app's token (message/send, sign-in); None without WECOM_APP_SECRET."""
+        if not self.settings.app_secret:
+            return None
+        return wecom_api.WeComClient(self.settings, TokenStore(self.engine), observe=metrics.Recorder.wecom_call,
+                                     secret=self.settings.app_secret)
+
     def make_worker(self, settings: Settings | None = None) -> Worker:
         """A delivery worker on these engines (not started)."""
         return Worker(settings or self.settings, self.engine, self.template_engine, self.wecom_client(),

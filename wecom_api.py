@@ -89,16 +89,20 @@ class MemoryTokens:
 class WeComClient:
     """The WeCom server API: an access token shared through `token_store`, and department members."""
 
-    def __init__(self, settings, token_store=None, observe=None, timeout: tuple[float, float] | None = None):
+    def __init__(self, settings, token_store=None, observe=None, timeout: tuple[float, float] | None = None,
+                 secret: str | None = None):
+        # `secret`: the self-built app's (WECOM_APP_SECRET) for message/send and sign-in; default the
+        # contact-sync secret. Tokens are stored under a digest of the secret, so the two never mix.
+        secret = secret or settings.contact_secret
         # (connect, read) seconds; the read timeout is WECOM_TIMEOUT_SECONDS (default 15).
         timeout = timeout or (min(5.0, settings.wecom_timeout), settings.wecom_timeout)
         self.api_base = settings.api_base
         self.token_store = token_store or MemoryTokens()
         self.observe = observe or (lambda api, errcode: None)
         self.timeout = timeout
-        self._secret = settings.contact_secret
-        self._key = token_key(settings.corp_id, settings.contact_secret)
-        self._wechat = _WeChatClient(settings.corp_id, settings.contact_secret, settings.api_base, timeout)
+        self._secret = secret
+        self._key = token_key(settings.corp_id, secret)
+        self._wechat = _WeChatClient(settings.corp_id, secret, settings.api_base, timeout)
         # watched department → the department ids its last listing covered (itself and, with fetch_child,
         # its descendants): the scope check matches an event's Department list against these.
         self.covered: dict[int, tuple[int, ...]] = {}

@@ -249,3 +249,19 @@ digests = Table(
     Index("ix_wm_digests_due", "status", "due_at"),
     Index("ix_wm_digests_address", "address", "status"),
 )
+
+
+# --- the audit log: one row per state-changing action, from /admin or the CLI (store/audit.py) ---------
+
+audit_log = Table(  # append only: nothing in the service updates or deletes a row
+    "wm_audit_log", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("at", Double, nullable=False),
+    Column("actor", String(64), nullable=False),  # a WeCom userid, `token` (ADMIN_TOKEN) or `cli`
+    Column("client", String(64), nullable=False, default=""),  # the client address (after TRUSTED_PROXIES)
+    Column("action", String(32), nullable=False),  # sign-in, sign-in-refused, sign-out, retry, template-save, …
+    Column("target", String(255), nullable=False, default=""),
+    Column("detail", String(255), nullable=False, default=""),  # short, never a secret, never a whole body
+    Index("ix_wm_audit_log_at", "at"),
+    Index("ix_wm_audit_log_actor", "actor", "at"),
+)
