@@ -152,7 +152,7 @@ access_tokens = Table(
 )
 
 
-# /admin (ops/sessions.py, ops/login_throttle.py). The secret that signs admin cookies when SECRET_KEY is unset:
+# /admin (ops/admin/sessions.py, ops/admin/login_throttle.py). The secret that signs admin cookies when SECRET_KEY is unset:
 # generated once, shared by every process through this table.
 service_secrets = Table(
     "wm_service_secrets", metadata,

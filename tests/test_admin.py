@@ -109,7 +109,7 @@ def test_admin_cookie_secure_false_is_for_plain_http_on_this_machine(make_app):
 
 
 def test_forged_or_expired_cookie_is_not_a_session(admin_app, monkeypatch):
-    from ops import sessions
+    from ops.admin import sessions
 
     client = admin_app.test_client()
     log_in(client)

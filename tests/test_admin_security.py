@@ -16,7 +16,7 @@ from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 import config
 import services
-from ops import login_throttle, sessions
+from ops.admin import login_throttle, sessions
 from store import db, migrate
 from store import sessions as session_store
 from support import base_env
