@@ -3,13 +3,11 @@ says; the status code and the diagnostic decide, not the Action label; a refusal
 from __future__ import annotations
 
 import email
-from pathlib import Path
 
 import pytest
 
 from bounces import classify, tags
-
-CORPUS = Path(__file__).parent / "data" / "bounces"
+from support.bounces import load
 
 # (file, kind, is a delivery report, a recipient it names or None, words the reason contains)
 REPORTS = [
@@ -32,15 +30,6 @@ REPORTS = [
     ("auto-reply-zh.eml", "ignored", False, None, "auto-reply"),  # 休假, Auto-Submitted: auto-replied
     ("ordinary.eml", "ignored", False, None, "not a delivery report"),  # mentions "user unknown", still mail
 ]
-
-
-def load(name: str, rcpt: str = "wangwu@corp.example", tag: str = "", msgid: str = "<x@corp.example>") -> bytes:
-    """A corpus message with its placeholders filled in."""
-    text = (CORPUS / name).read_bytes()
-    for placeholder, value in ((b"@@RCPT@@", rcpt), (b"@@TAG@@", tag), (b"@@MSGID@@", msgid),
-                               (b"@@ID@@", f"report.{name}@relay.corp.example")):
-        text = text.replace(placeholder, value.encode())
-    return text
 
 
 @pytest.mark.parametrize("name, kind, is_bounce, recipient, words", REPORTS, ids=[r[0] for r in REPORTS])

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from bounces import handle
 from store import schema, suppressions
 from support import rows
-from test_bounce_classify import load
+from support.bounces import load
 
 VICTIM = "user0003@corp.example"
 UNKNOWN_REASON = "5.1.1 <user0003@corp.example>: Recipient address rejected: User unknown in local recipient table"
@@ -34,8 +34,7 @@ def report(sink, name, rcpt=VICTIM, report_id=None, *, verp=True, headers=True):
     mail_from = message["X-MailFrom"]
     tag = mail_from.partition("+")[2].partition("@")[0] if verp and "+" in mail_from else ""
     msgid = message["Message-ID"] if headers else "<CAF0000@mail.example.com>"
-    raw = load(name, rcpt=rcpt, tag=tag, msgid=msgid)
-    return raw.replace(f"report.{name}@".encode(), f"{report_id or name}.{time.monotonic_ns()}@".encode())
+    return load(name, rcpt=rcpt, tag=tag, msgid=msgid, report_id=f"{report_id or name}.{time.monotonic_ns()}")
 
 
 def process(service, raw, **kwargs):
