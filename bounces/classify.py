@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses, parseaddr
@@ -122,7 +123,7 @@ def header(message: Message, name: str) -> str:
         return ""
     try:
         return " ".join(str(make_header(decode_header(str(value)))).split())
-    except (ValueError, LookupError, UnicodeError, TypeError):
+    except (ValueError, LookupError, UnicodeError, TypeError, HeaderParseError):  # a broken encoded-word
         return " ".join(str(value).split())
 
 

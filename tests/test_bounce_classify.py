@@ -99,3 +99,11 @@ def test_malformed_and_huge_input_is_bounded():
     assert classify.classify(email.message_from_bytes(broken)).is_bounce
     nested = b"Content-Type: multipart/mixed; boundary=a\r\n\r\n" + b"--a\r\nContent-Type: multipart/mixed; boundary=a\r\n\r\n" * 5000
     assert classify.classify(email.message_from_bytes(nested)).kind == "ignored"
+
+
+def test_a_broken_encoded_word_in_a_header_still_reads():
+    raw = load("qq-tuixin.eml").replace(b'From: "QQ\xe9\x82\xae\xe7\xae\xb1\xe5\x9b\xa2\xe9\x98\x9f" <MAILER-DAEMON@qq.com>',
+                                        b"From: =?utf-8?b?ABCDE?= <MAILER-DAEMON@qq.com>")
+    assert b"=?utf-8?b?ABCDE?=" in raw
+    verdict = classify.classify(email.message_from_bytes(raw))
+    assert verdict.kind == "hard"
