@@ -217,3 +217,32 @@ def test_text_is_cut_on_a_character_boundary_with_a_visible_ellipsis():
     assert len(content.encode("utf-8")) <= 2048 and content.endswith("…") and content.startswith("标题\n\n变")
     assert wecom_message.text_content("t", "b") == "t\n\nb"
     assert wecom_message.cut("ab", 2048) == "ab"
+
+
+def test_check_verifies_the_app_and_counts_members_by_channel(messaging, standin, tmp_path):
+    from ops import checks
+
+    members = make_members(6, DEPARTMENT)
+    members[0]["email"] = members[1]["email"] = ""
+    standin.set_members(DEPARTMENT, members)
+    standin.enable_app(standin.agent_id, standin.app_secret)
+    service = messaging("fallback")
+    lines = [(ok, line) for ok, line in checks.run_all(service.parts)]
+    text = "\n".join(line for _, line in lines)
+    assert (True, "WeCom app token (WECOM_APP_SECRET): access token obtained") in lines
+    assert any(ok and line.startswith(f"WeCom agent {standin.agent_id} (agent/get): ") for ok, line in lines)
+    assert (True, f"WeCom messages, department {DEPARTMENT}: within the app's 可见范围") in lines
+    assert (True, f"channels, department {DEPARTMENT} (WECOM_MESSAGE=fallback): 4 by email, 2 by WeCom message, "
+                  "0 by neither") in lines, text
+
+    # Two members outside the visible range, one of them without an address: reached by neither, and why.
+    standin.enable_app(standin.agent_id, standin.app_secret, visible={"user0002", "user0003", "user0004"},
+                       visible_parties=[99])
+    lines = checks.run_all(service.parts)
+    assert (False, f"channels, department {DEPARTMENT} (WECOM_MESSAGE=fallback): 4 by email, 1 by WeCom message, "
+                   "1 by neither (1 outside the app's 可见范围)") in lines
+    assert any(not ok and "3 of 6 member(s) outside the app's 可见范围" in line for ok, line in lines)
+
+    standin.script("agent/get", {"errcode": 60020, "errmsg": "not allow to access from your ip"})
+    lines = checks.run_all(service.parts)
+    assert any(not ok and "企业可信IP" in line and "60020" in line for ok, line in lines)
