@@ -246,3 +246,35 @@ def test_check_verifies_the_app_and_counts_members_by_channel(messaging, standin
     standin.script("agent/get", {"errcode": 60020, "errmsg": "not allow to access from your ip"})
     lines = checks.run_all(service.parts)
     assert any(not ok and "企业可信IP" in line and "60020" in line for ok, line in lines)
+
+
+def test_status_admin_and_metrics_show_both_channels(messaging, standin, crypto):
+    from prometheus_client import REGISTRY
+
+    from ops import report
+    from support.env import TEST_ADMIN_TOKEN
+
+    members = make_members(4, DEPARTMENT)
+    members[0]["email"] = ""
+    standin.set_members(DEPARTMENT, members)
+    standin.enable_app(standin.agent_id, standin.app_secret, visible={"user0002", "user0003", "user0004"})
+    service = messaging("fallback", ADMIN_TOKEN=TEST_ADMIN_TOKEN, ADMIN_COOKIE_SECURE="false")
+    service.drain()
+    sample = {"outcome": "failed", "channel": "wecom"}
+    before = REGISTRY.get_sample_value("wecom_mailer_deliveries_total", sample) or 0
+    post(service, crypto, "user0003")
+    service.drain()
+    assert REGISTRY.get_sample_value("wecom_mailer_deliveries_total", sample) == before + 1
+
+    lines = report.status_lines(service.engine, service.parts.settings.tz)
+    assert "channels: email: 3 sent, 1 skipped; wecom: 1 failed" in lines
+    assert "  WeCom messages: 1 × no valid recipient (81013): none of them is within the app's 可见范围 " \
+           "(visible range) or licensed" in lines
+
+    client = service.test_client()
+    assert client.post("/admin/login", data={"token": TEST_ADMIN_TOKEN}).status_code == 302
+    page = client.get("/admin/").get_data(as_text=True)
+    assert 'id="channel-summary"' in page and "企业微信应用消息 WeCom messages" in page and "81013" in page
+    [event] = rows(service.engine, schema.events)
+    detail = client.get(f"/admin/events/{event.id}").get_data(as_text=True)
+    assert "企业微信 wecom" in detail and "wecom:user0001" in detail
