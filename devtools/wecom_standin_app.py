@@ -4,6 +4,7 @@ WeComStandIn (which answers gettoken for the app's secret too and routes these p
 from __future__ import annotations
 
 import json
+import time
 
 
 def _json(payload: dict) -> bytes:
@@ -91,7 +92,8 @@ class AppMessages:
             self._seen_bodies.setdefault(body, len(self.message_calls))
             good = [u.lower() for u in touser if u.lower() not in invalid and u.lower() not in unlicensed]
             self.message_calls.append({"touser": touser, "content": content, "request": request,
-                                       "duplicate": duplicate, "invalid": invalid, "unlicensed": unlicensed})
+                                       "duplicate": duplicate, "invalid": invalid, "unlicensed": unlicensed,
+                                       "at": time.monotonic()})
             if not duplicate:
                 self.delivered.extend((u, content) for u in good)
         if self.on_message is not None:
