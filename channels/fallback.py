@@ -1,6 +1,6 @@
 """WECOM_MESSAGE=fallback after the round: an email that failed or bounced later (a digest that failed for
 good, a bounce report hours after sending) still gets its member a WeCom message. A periodic look over the
-recent events; the rows it adds are sent by the event's next round like any other."""
+events of the last two days; the rows it adds are sent by the event's next round like any other."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +11,7 @@ from store import channel_rows
 
 log = logging.getLogger("wecom_mailer.worker")
 SWEEP_SECONDS = 30.0
-LOOK_BACK_SECONDS = 7 * 86400.0  # bounces come within days; older events are left as they are
+LOOK_BACK_SECONDS = 2 * 86400.0  # bounces come within hours, a day or two; older events are left as they are
 
 
 def sweep(worker, force: bool = False) -> int:

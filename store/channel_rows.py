@@ -45,7 +45,9 @@ def unreached(engine: Engine, event_id: int) -> list:
 
 
 def events_with_unreached(engine: Engine, since: float, limit: int = 100) -> list[int]:
-    """Events received since `since` with an unreached email delivery and no WeCom row for that member."""
+    """Events received since `since` with an email delivery that ended failed or bounced and no WeCom row for
+    that member. (Skipped ones are decided in the event's own round; looking for them here would, the day
+    fallback is turned on, message members about changes they were never going to hear of.)"""
     other = deliveries.alias("message")
     covered = sa.exists().where(other.c.event_id == deliveries.c.event_id,
                                 other.c.address == sa.literal(WECOM_PREFIX).concat(sa.func.lower(deliveries.c.userid)))
@@ -54,7 +56,8 @@ def events_with_unreached(engine: Engine, since: float, limit: int = 100) -> lis
         if first is None:
             return []
         return list(conn.execute(sa.select(deliveries.c.event_id).distinct()
-                                 .where(deliveries.c.event_id >= first, unreached_clause(), ~covered)
+                                 .where(deliveries.c.event_id >= first, deliveries.c.channel == "email",
+                                        deliveries.c.status.in_(UNREACHED_FINAL), ~covered)
                                  .order_by(deliveries.c.event_id).limit(limit)).scalars())
 
 

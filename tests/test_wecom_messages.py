@@ -278,3 +278,18 @@ def test_status_admin_and_metrics_show_both_channels(messaging, standin, crypto)
     [event] = rows(service.engine, schema.events)
     detail = client.get(f"/admin/events/{event.id}").get_data(as_text=True)
     assert "企业微信 wecom" in detail and "wecom:user0001" in detail
+
+
+def test_an_email_refused_for_good_is_followed_by_a_wecom_message_in_the_same_round(
+        messaging, standin, smtp_sink, crypto):
+    smtp_sink.reject("user0002@corp.example")  # 550 5.1.1: failed for good
+    service = messaging("fallback")
+    service.drain()
+    post(service, crypto, "user0003")
+    worker = service.make_worker()
+    assert worker.run_once()  # one round: the email fails, the message goes
+    assert received(standin) == {"user0002": 1}
+    channels = by_channel(service.engine)
+    assert channels["email"][("user0002", "failed")] == 1 and channels["wecom"] == {("user0002", "sent"): 1}
+    service.drain(worker)
+    assert received(standin) == {"user0002": 1} and len(smtp_sink.messages) == 4
