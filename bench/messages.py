@@ -20,6 +20,7 @@ RTT = 0.02
 
 
 def messages(run) -> None:
+    """The rows: WECOM_MESSAGE=only, then the email fan-out of the same department, on fresh databases."""
     from devtools.latency_proxy import LatencyProxy
     from devtools.wecom_standin import make_members
 
