@@ -150,10 +150,14 @@ def test_the_daily_limit_defers_to_the_next_day_and_resumes(messaging, standin, 
     assert {d.status for d in rows(service.engine, schema.deliveries)} == {"sent"}
 
 
+@pytest.mark.parametrize("mode", ["only", "all"])
 def test_a_burst_of_30_reaches_a_wecom_only_member_in_at_most_3_messages_each_change_once(
-        messaging, standin, crypto):
+        messaging, standin, smtp_sink, crypto, mode):
+    """The digest window per person per channel: with `all`, the mails and the messages each carry every change."""
+    from support.digests import changes_received, mails_by_recipient
+
     clock = Clock(T0)
-    service = messaging("only")
+    service = messaging(mode)
     worker = service.make_worker(digest_window=5)
     worker.clock = clock
     service.drain(worker)
@@ -170,6 +174,12 @@ def test_a_burst_of_30_reaches_a_wecom_only_member_in_at_most_3_messages_each_ch
         told = collections.Counter(u for c in contents for u in userids if f"ID：{u}\n" in c + "\n")
         assert told == {u: 1 for u in userids}, member
     assert {d.status for d in rows(service.engine, schema.deliveries)} == {"sent"}
+    if mode == "all":
+        members = [f"user{i:04d}@corp.example" for i in range(1, 6)]
+        assert {len(m) for m in mails_by_recipient(smtp_sink.messages).values()} == {2}
+        assert changes_received(smtp_sink.messages) == {(m, u): 1 for m in members for u in userids}
+    else:
+        assert not smtp_sink.messages
 
 
 def test_the_per_member_limit_is_never_passed(messaging, standin, crypto):
