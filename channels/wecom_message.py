@@ -79,6 +79,9 @@ def send(client: wecom_api.WeComClient, agent_id: int, userids: list[str], conte
     except wecom_api.WeComError as exc:
         if exc.errcode in EXPLAINED:
             return CallOutcome(permanent=EXPLAINED[exc.errcode])
+        if exc.errcode in wecom_api.TOKEN_REJECTED:  # even a freshly fetched token: the app's settings are wrong
+            return CallOutcome(permanent=f"WeCom rejected a freshly fetched app token (errcode {exc.errcode}): "
+                                         "check WECOM_CORP_ID and WECOM_APP_SECRET")
         if exc.permanent and exc.errcode not in TRANSIENT:
             return CallOutcome(permanent=f"message/send refused: {exc}")
         return CallOutcome(transient=str(exc))
