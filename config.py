@@ -16,6 +16,7 @@ DEFAULT_API_BASE = "https://qyapi.weixin.qq.com/cgi-bin/"
 EMAIL_SOURCE_NAMES = ("wecom", "directory", "pattern")
 SMTP_DEFAULT_PORTS = {"ssl": 465, "starttls": 587, "none": 25}
 MAIL_BACKENDS = ("smtp", "file", "console")
+WECOM_MESSAGE_MODES = ("off", "fallback", "all", "only")  # which members get a WeCom application message
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class Settings:
     # Bounces (issue 20, docs/bounces.md): the VERP address and the soft-bounce limit.
     bounce_address: str | None = None
     bounce_soft_limit: int = 3
+    wecom_message: str = "off"  # WECOM_MESSAGE_MODES
+    wecom_message_max_per_day: int = 0
 
     @property
     def tz(self) -> ZoneInfo:
@@ -191,7 +194,21 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         app_secret=r.secret("WECOM_APP_SECRET") or None,
         bounce_address=r.bounce_address(),
         bounce_soft_limit=r.int("BOUNCE_SOFT_LIMIT", d["bounce_soft_limit"], 1, 100),
+        **_wecom_message(r, d),
     )
+
+
+def _wecom_message(r: Reader, d: dict) -> dict:
+    """WECOM_MESSAGE and its daily limit; a mode other than off needs the self-built app's id and secret."""
+    mode = r.choice("WECOM_MESSAGE", d["wecom_message"], WECOM_MESSAGE_MODES)
+    if mode != "off":
+        for name in ("WECOM_AGENT_ID", "WECOM_APP_SECRET"):
+            if not r.raw(name):  # WECOM_APP_SECRET_FILE counts (raw reads NAME_FILE)
+                raise ConfigError(f"WECOM_MESSAGE={mode} needs {name}: copy the self-built app's AgentId and "
+                                  "Secret from 应用管理 > 自建应用 > the app, or set WECOM_MESSAGE=off")
+    return {"wecom_message": mode,
+            "wecom_message_max_per_day": r.int("WECOM_MESSAGE_MAX_PER_DAY", d["wecom_message_max_per_day"],
+                                               0, 100_000_000)}
 
 
 def _passwords(url: str) -> tuple[str, ...]:

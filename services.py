@@ -43,7 +43,7 @@ class Services:
     def make_worker(self, settings: Settings | None = None) -> Worker:
         """A delivery worker on these engines (not started)."""
         return Worker(settings or self.settings, self.engine, self.template_engine, self.wecom_client(),
-                      metrics.Recorder(), reconcile_client=self.wecom_client())
+                      metrics.Recorder(), reconcile_client=self.wecom_client(), app_client=self.app_client())
 
     def start_worker(self) -> Worker:
         """Start this process's delivery thread (gunicorn's post_worker_init, `flask worker`); once."""

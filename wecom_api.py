@@ -115,6 +115,10 @@ class WeComClient:
         """Fetch a fresh access token: proves the corp id, the secret and the route to WeCom."""
         self._fetch_token()
 
+    def call(self, method: str, api: str, params: dict | None = None, **kwargs) -> dict:
+        """Any API call ("get"/"post", e.g. "message/send", data=…) with the shared token, refreshed once."""
+        return self._call(method, api, params, **kwargs)
+
     def list_members(self, department_ids, fetch_child: bool = False) -> dict[int, list[Member]]:
         """Members of each watched department (and its sub-departments with fetch_child), one per userid."""
         listed: dict[int, list[Member]] = {}  # one user/list call per department per invocation

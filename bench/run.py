@@ -2,7 +2,8 @@
 
     python bench/run.py                 # every row at full size (a few minutes)
     python bench/run.py --quick         # smaller sizes, shorter loads
-    python bench/run.py --only fanout   # one or more of: ingest, fanout, e2e, growth, reconcile, digest, pace
+    python bench/run.py --only fanout   # one or more of: ingest, fanout, e2e, growth, reconcile, digest, pace,
+                                        # messages
 """
 from __future__ import annotations
 
@@ -24,11 +25,12 @@ import sqlalchemy as sa  # noqa: E402
 from bench import harness as h  # noqa: E402
 from bench.busy_ingest import SIZE as BUSY_SIZE, callbacks_during_fanout  # noqa: E402
 from bench.digest import digest  # noqa: E402
+from bench.messages import messages  # noqa: E402
 from bench.pace import pace  # noqa: E402
 from bench.reconcile_round import reconcile  # noqa: E402
 from bench.sink import Sink  # noqa: E402
 
-SECTIONS = ("ingest", "fanout", "e2e", "growth", "reconcile", "digest", "pace")
+SECTIONS = ("ingest", "fanout", "e2e", "growth", "reconcile", "digest", "pace", "messages")
 
 
 @dataclass
@@ -654,15 +656,18 @@ def main() -> int:
     parser.add_argument("--reconcile-event-size", type=int,
                         help="members of the department whose event arrives during a round (1,000)")
     parser.add_argument("--digest-sizes", help="comma list of department sizes for the digest's isolated rows")
+    parser.add_argument("--message-size", type=int, help="members of the WeCom message rows' department (10,000)")
     args = parser.parse_args()
     overrides = {key: getattr(args, key) for key in ("fanout_sizes", "e2e_sizes", "growth_rows", "repeats",
-                                                     "reconcile_size", "reconcile_event_size", "digest_sizes")}
+                                                     "reconcile_size", "reconcile_event_size", "digest_sizes",
+                                                     "message_size")}
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     args.before = _before_checkouts(parser, args.before)
     unknown = set(args.only) - set(SECTIONS)
     if unknown:
         parser.error(f"unknown section(s): {', '.join(sorted(unknown))}")
     args.pace_size, args.pace_rtts = (100 if args.quick else 200), [0.02, 0.002]
+    args.message_size = 2000 if args.quick else 10_000
     if args.quick:
         args.load_seconds, args.requests, args.repeats, args.naive_cap = 3, 25_000, 2, 500
         args.fanout_sizes, args.e2e_sizes, args.growth_rows = [300, 1000], [10, 100, 1000], 100_000
@@ -692,7 +697,8 @@ def main() -> int:
     with Sink() as sink, WeComStandIn(h.CORP_ID, h.SECRET, {}) as standin:
         run = Run(args, sink, standin)
         for name, section in (("ingest", ingest), ("fanout", fanout), ("e2e", end_to_end), ("growth", growth),
-                              ("reconcile", reconcile), ("digest", digest), ("pace", pace)):
+                              ("reconcile", reconcile), ("digest", digest), ("pace", pace),
+                              ("messages", messages)):
             if name in args.only:
                 section(run)
     print_table(run)

@@ -10,12 +10,14 @@ from sqlalchemy.exc import DBAPIError
 
 import mailer
 import templates_repo
+from channels import message_digests
 from delivery import bounce_rules, retry
 from delivery.digest_message import DIGEST, ChangeRenderer, compose
 from delivery.lease import LeaseKeeper
 from delivery.limits import next_day_start
 from delivery.sending import send_batch
 from store import digests
+from store.channel_rows import WECOM_PREFIX
 from store.recipients import Hold
 from store.snapshots import member_names
 
@@ -90,6 +92,12 @@ def _send(worker, claimed: list, templates: dict) -> None:
         return
     names = member_names(engine, settings.department_ids, {c.user_id for d in claimed for c in d.changes})
     render = ChangeRenderer(settings, templates, names)
+    messages = [d for d in claimed if d.address.startswith(WECOM_PREFIX)]  # the wecom channel's digests
+    if messages:
+        message_digests.send(worker, messages, render, templates)
+        claimed = [d for d in claimed if not d.address.startswith(WECOM_PREFIX)]
+        if not claimed:
+            return
     # A digest's mail is named after the first delivery it carries (log lines, MAIL_BACKEND=file names):
     # that delivery has no mail of its own, so no name is shared with another message.
     by_item, items = {}, []

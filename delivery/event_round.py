@@ -10,6 +10,8 @@ import mailer
 from delivery import bounce_rules, retry
 from delivery.limits import daily_limit_reason, next_day_start
 from delivery.sending import send_batch
+from channels import message_round
+from store.channel_rows import WECOM_PREFIX
 from store import outbox, recipients
 
 log = logging.getLogger("wecom_mailer.worker")
@@ -42,6 +44,7 @@ def send_event(worker, row, started: float) -> None:
     """Send the due deliveries of a held event; then schedule what is left, or finish the event."""
     settings, engine = worker.settings, worker.engine
     due = outbox.due_deliveries(engine, row.id, now=worker.clock())
+    due = [d for d in due if not d.address.startswith(WECOM_PREFIX)]  # WeCom messages: channels/message_round
     subject, body = outbox.event_message(engine, row.id)
     tally, marks = Tally(), outbox.DeliveryMarks(engine)
     due = bounce_rules.screen(worker, due, marks) if due else due  # suppressed since the rows were written
@@ -84,6 +87,8 @@ def send_event(worker, row, started: float) -> None:
             halt = send_batch(settings, items, record, stop=worker.stop, pool=worker.smtp_pool, gate=worker.gate)
     finally:
         marks.close()
+    if not worker.lease.lost.is_set():  # before the untried emails are postponed: that would catch these too
+        message_round.send_event_messages(worker, row, subject, body)
     if worker.metrics and settings.smtp_max_per_day:
         worker.metrics.sent_today(worker.gate.used_today())
     if mailed:

@@ -8,6 +8,7 @@ from sqlalchemy.exc import DBAPIError
 import templates_repo
 import wecom
 import wecom_api
+from channels import modes
 from delivery import announced, digest
 from store import addressbook, outbox
 from store.snapshots import load_snapshots
@@ -57,6 +58,7 @@ def expand(worker, row) -> bool:
     rows = [{"userid": c.member.userid[:64], "name": c.member.name[:255], "address": c.address,
              "address_source": c.source, "status": "pending" if c.address else "skipped", "reason": c.reason}
             for c in chosen]
+    rows = modes.ledger_rows(settings.wecom_message, rows)  # WECOM_MESSAGE: email rows, WeCom rows, or both
     # With the digest on, each recipient's row goes at once or is held, decided in the same transaction.
     if not outbox.expand_event(worker.engine, row.id, worker.owner, subject, body, rows, now=worker.clock(),
                                hold=digest.hold_for(worker)):

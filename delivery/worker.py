@@ -11,6 +11,7 @@ import uuid
 from sqlalchemy.exc import DBAPIError
 
 import wecom_api
+from channels import fallback
 from delivery import digest, retry
 from delivery.event_round import send_event
 from delivery.expand import expand
@@ -33,11 +34,12 @@ class Worker:
     """One delivery loop; owns its lease identity. Run it in a thread (web) or alone (`flask worker`)."""
 
     def __init__(self, settings, engine, template_engine, client, metrics=None, reconcile_client=None,
-                 clock=time.time):
+                 clock=time.time, app_client=None):
         self.settings = settings
         self.engine = engine
         self.template_engine = template_engine
         self.client = client
+        self.app_client = app_client  # the self-built app's (WeCom application messages); None without one
         self.metrics = metrics
         self.clock = clock  # every time the worker writes or compares; tests move it to tomorrow
         self.owner = f"{socket.gethostname()[:30]}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -102,6 +104,7 @@ class Worker:
     def run_once(self) -> bool:
         """Process one due event, if any, then send the digests that are due; True when there was work."""
         handled = self.run_event_once()
+        fallback.sweep(self)  # emails that failed or bounced after their round: WECOM_MESSAGE=fallback
         return self.run_digests_once() or handled
 
     def run_digests_once(self) -> bool:

@@ -30,9 +30,12 @@ DEMO_DIR = ROOT / "var" / "demo"
 DEPARTMENT = 2
 NEW_MEMBER = {"userid": "wangxiaoming", "name": "王小明", "department": [DEPARTMENT],
               "email": "wangxiaoming@corp.example", "biz_mail": ""}
+# WeCom withholds this member's address: with WECOM_MESSAGE=fallback a WeCom application message reaches her.
+NO_ADDRESS = {"userid": "zhaoli", "name": "赵丽", "department": [DEPARTMENT], "email": "", "biz_mail": ""}
+DEMO_AGENT_ID = 1000002
 
 
-def demo_env(api_base: str, port: int, corp_id: str, secret: str) -> dict[str, str]:
+def demo_env(api_base: str, port: int, corp_id: str, secret: str, app_secret: str) -> dict[str, str]:
     """Embedded defaults: fresh random credentials each run, SQLite, the file mail backend."""
     return {
         **os.environ,
@@ -53,6 +56,9 @@ def demo_env(api_base: str, port: int, corp_id: str, secret: str) -> dict[str, s
         "WEB_CONCURRENCY": "1",
         "BIND": f"127.0.0.1:{port}",
         "RETRY_BACKOFF_SECONDS": "1",
+        # WeCom application messages for whom email cannot reach (the stand-in's self-built app).
+        "WECOM_MESSAGE": "fallback", "WECOM_AGENT_ID": str(DEMO_AGENT_ID), "WECOM_APP_SECRET": app_secret,
+        "WECOM_MESSAGE_MAX_PER_DAY": "",
     }
 
 
@@ -68,9 +74,10 @@ def main() -> int:
     port = free_port()
     url = f"http://127.0.0.1:{port}/wecom/callback"
     members = make_members(4, DEPARTMENT) + [NEW_MEMBER]
-    corp_id, secret = "wwdemo" + secrets.token_hex(6), secrets.token_urlsafe(32)
-    with WeComStandIn(corp_id, secret, {DEPARTMENT: members}) as standin:
-        env = demo_env(standin.api_base, port, corp_id, secret)
+    corp_id, secret, app_secret = "wwdemo" + secrets.token_hex(6), secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    with WeComStandIn(corp_id, secret, {DEPARTMENT: members + [NO_ADDRESS]}) as standin:
+        standin.enable_app(DEMO_AGENT_ID, app_secret)
+        env = demo_env(standin.api_base, port, corp_id, secret, app_secret)
         flask = [sys.executable, "-m", "flask", "--app", "app"]
 
         step("creating the state tables and the original ipaas_email_template rows (SQLite)")
@@ -90,6 +97,8 @@ def main() -> int:
                                     "--user-id", NEW_MEMBER["userid"]], cwd=ROOT, env=env, check=True)
             step(f"waiting for {len(members)} emails (one per member of department {DEPARTMENT})")
             written = wait_for_files(DEMO_DIR / "outbox", len(members), timeout=30)
+            step(f"waiting for the WeCom message to {NO_ADDRESS['name']} ({NO_ADDRESS['userid']}), who has no address")
+            messages = wait_for_messages(standin, timeout=30)
         finally:
             server.send_signal(signal.SIGTERM)
             try:
@@ -101,9 +110,12 @@ def main() -> int:
     print("\n".join(line for line in log.splitlines() if "wecom_mailer" in line)[-3000:])
     for path in written:
         show(path)
+    for call in messages:
+        show_message(call)
     subprocess.run(flask + ["status"], cwd=ROOT, env=env)
-    ok = len(written) == len(members)
-    step(f"{len(written)} of {len(members)} emails written to {DEMO_DIR / 'outbox'}" + ("" if ok else " — FAILED"))
+    ok = len(written) == len(members) and len(messages) == 1
+    step(f"{len(written)} of {len(members)} emails written to {DEMO_DIR / 'outbox'}, {len(messages)} WeCom "
+         f"message(s) sent to {NO_ADDRESS['userid']}" + ("" if ok else " — FAILED"))
     return 0 if ok else 1
 
 
@@ -126,6 +138,22 @@ def wait_for_files(directory: Path, count: int, timeout: float) -> list[Path]:
         if len(files) >= count or time.monotonic() > deadline:
             return files
         time.sleep(0.2)
+
+
+def wait_for_messages(standin: WeComStandIn, timeout: float) -> list[dict]:
+    """What the stand-in's message/send received (it records every call)."""
+    deadline = time.monotonic() + timeout
+    while not standin.message_calls and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return list(standin.message_calls)
+
+
+def show_message(call: dict) -> None:
+    request = call["request"]
+    print(f"\n--- WeCom application message (message/send, agentid {request['agentid']})\n"
+          f"touser:  {request['touser']}\nmsgtype: {request['msgtype']}, safe {request['safe']}, "
+          f"enable_duplicate_check {request['enable_duplicate_check']} "
+          f"({request['duplicate_check_interval']} s)\n\n{request['text']['content']}")
 
 
 def show(path: Path) -> None:

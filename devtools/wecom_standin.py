@@ -14,6 +14,8 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from devtools.wecom_standin_app import AppMessages, _int, _json
+
 SURNAMES = "张王李赵刘陈杨黄周吴"
 GIVEN_NAMES = ("伟", "芳", "娜", "敏", "静", "磊", "洋", "艳", "勇", "军", "杰", "娟")
 PAGE_LIMIT = 10000  # user/list_id's largest page
@@ -31,19 +33,9 @@ def make_members(n: int, department_id: int, prefix: str = "user", domain: str =
     return members
 
 
-def _json(payload: dict) -> bytes:
-    return json.dumps(payload, ensure_ascii=False).encode("utf-8")
-
-
-def _int(value) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-class WeComStandIn:
-    """gettoken, user/list, department/simplelist and user/list_id, answered from memory."""
+class WeComStandIn(AppMessages):
+    """gettoken, user/list, department/simplelist and user/list_id, answered from memory; the self-built
+    app's agent/get and message/send come from AppMessages (devtools/wecom_standin_app.py)."""
 
     def __init__(self, corp_id: str, secret: str, departments: dict[int, list[dict]] | None = None,
                  children: dict[int, list[int]] | None = None, port: int = 0):
@@ -60,6 +52,7 @@ class WeComStandIn:
         self._forever: dict[str, dict] = {}
         self._stopping = threading.Event()  # wakes scripted sleeps on stop()
         self._server: ThreadingHTTPServer | None = None
+        self._init_messages()  # the self-built app's block (application messages), below
         for department_id, members in (departments or {}).items():
             self.set_members(department_id, members)
 
@@ -140,7 +133,7 @@ class WeComStandIn:
         if path == "gettoken" and method == "GET":
             return 200, _json(self._gettoken(query))
         routes = {("GET", "user/list"): self._user_list, ("GET", "department/simplelist"): self._simplelist,
-                  ("POST", "user/list_id"): self._list_id}
+                  ("POST", "user/list_id"): self._list_id, **self._message_routes()}
         handler = routes.get((method, path))
         if handler is None:
             return 404, b"not found"
@@ -155,12 +148,15 @@ class WeComStandIn:
     def _gettoken(self, query: dict) -> dict:
         if query.get("corpid") != self.corp_id:
             return {"errcode": 40013, "errmsg": "invalid corpid"}
-        if query.get("corpsecret") != self.secret:
+        app = self.app_secret is not None and query.get("corpsecret") == self.app_secret
+        if query.get("corpsecret") != self.secret and not app:
             return {"errcode": 40001, "errmsg": "invalid secret"}
         token = secrets.token_urlsafe(48)
         with self._lock:
             self._tokens[token] = True
             self.tokens_issued += 1
+            if app:
+                self.app_tokens.add(token)
         return {"errcode": 0, "errmsg": "ok", "access_token": token, "expires_in": 7200}
 
     def _known(self, department_id: int | None) -> bool:
@@ -200,6 +196,8 @@ class WeComStandIn:
         end = start + min(max(limit, 1), PAGE_LIMIT)
         return _json({"errcode": 0, "errmsg": "ok", "dept_user": pairs[start:end],
                       "next_cursor": str(end) if end < len(pairs) else ""})
+
+
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -15,7 +15,7 @@ import smtp_session
 import templates_repo
 import wecom_api
 from delivery.limits import day_of, next_day_start
-from ops import bounce_checks, report
+from ops import bounce_checks, message_checks, report
 from store import addressbook, limits
 from store.db import StateUnavailable, safe_url
 from store.migrate import upgrade
@@ -36,6 +36,8 @@ def run_all(parts) -> list[tuple[bool, str]]:
     else:
         results.extend((False, f"WeCom department {d}: not checked (needs a working gettoken)")
                        for d in settings.department_ids)
+    if token_ok:  # WeCom application messages: the app, its visible range, who goes by which channel
+        results.extend(message_checks.run(parts, client, state_ok))
     if settings.reconcile_seconds > 0:
         results.append(reconciliation(engine, settings) if state_ok else
                        (False, "reconciliation: not checked (needs the state database)"))
@@ -105,9 +107,13 @@ def departments(client, settings, engine) -> list[tuple[bool, str]]:
         without = [m.userid for m, address in resolved if not address]
         if without:
             sample = ", ".join(without[:5]) + (" …" if len(without) > 5 else "")
-            results.append((False, f"{line}, {len(without)} without an address under EMAIL_SOURCES="
-                                   f"{','.join(settings.email_sources)} ({sample}) — import them with "
-                                   "`flask --app app import-addresses FILE.csv` or set EMAIL_PATTERN"))
+            # With WeCom messages on, they are reached there: the channels line says whether all are.
+            covered = settings.wecom_message != "off"
+            results.append((covered, f"{line}, {len(without)} without an address under EMAIL_SOURCES="
+                                     f"{','.join(settings.email_sources)} ({sample}) — "
+                                     + (f"WECOM_MESSAGE={settings.wecom_message} sends them WeCom messages"
+                                        if covered else "import them with `flask --app app import-addresses "
+                                                        "FILE.csv` or set EMAIL_PATTERN")))
         else:
             results.append((True, f"{line}, every one with an address"))
     return results

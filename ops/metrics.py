@@ -25,8 +25,9 @@ ACK_SECONDS = Histogram("wecom_mailer_callback_seconds", "Time to answer a callb
 CALLBACK_BATCHES = Histogram("wecom_mailer_callback_batch_rows",
                              "Callbacks recorded per INSERT (group commit): _count batches, _sum rows",
                              buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
-DELIVERIES = Counter("wecom_mailer_deliveries_total", "Delivery attempts by outcome (sent, retry, failed)",
-                     ["outcome"])
+DELIVERIES = Counter("wecom_mailer_deliveries_total",
+                     "Delivery attempts by outcome (sent, retry, failed) and channel (email, wecom)",
+                     ["outcome", "channel"])
 EVENTS = Counter("wecom_mailer_events_finished_total", "Events finished, by final status", ["status"])
 DIGESTS = Counter("wecom_mailer_digests_total", "Digest mails by outcome (sent, retry, failed)", ["outcome"])
 SENT_TODAY = Gauge("wecom_mailer_smtp_sent_today",
@@ -53,8 +54,8 @@ class Recorder:
     """What the worker and the WeCom client report; one per process."""
 
     @staticmethod
-    def delivery(outcome: str) -> None:
-        DELIVERIES.labels(outcome).inc()
+    def delivery(outcome: str, channel: str = "email", count: int = 1) -> None:
+        DELIVERIES.labels(outcome, channel).inc(count)
 
     @staticmethod
     def event_finished(status: str) -> None:

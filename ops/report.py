@@ -6,6 +6,7 @@ from datetime import datetime, tzinfo
 
 import sqlalchemy as sa
 
+from ops import channel_report
 from store.schema import address_book, deliveries, digests, events, leases, template_table
 
 TIME_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -166,4 +167,5 @@ def status_lines(engine, tz: tzinfo, event_id: int | None = None, limit: int = 2
                      f"the next digest at {local_time(summary['next_at'], tz)}")
     if summary["problem"]:
         lines.append(f"digest: last problem: {summary['problem']}")
+    lines.extend(channel_report.lines(engine))  # email and WeCom messages, when there are any of the latter
     return lines

@@ -71,6 +71,10 @@ deliveries = Table(
     # Which EMAIL_SOURCES source gave the address (wecom, directory, pattern): a bounced guess is never guessed
     # again. NULL on rows written before bounces (issue 20).
     Column("address_source", String(16)),
+    # email, or wecom (a WeCom application message, issue 21): a wecom row's `address` is `wecom:<userid in
+    # lower case>`, which has no @ and so never equals an email address; the unique key (event, address) is
+    # then one row per (event, member, channel), and the digest's per-address rows are per person per channel.
+    Column("channel", String(8), nullable=False, default="email", server_default="email"),
     UniqueConstraint("event_id", "address", name="uq_wm_deliveries_event_address"),
     Index("ix_wm_deliveries_status", "status", "next_attempt_at"),
     Index("ix_wm_deliveries_digest", "digest_id"),
@@ -317,4 +321,22 @@ bad_guesses = Table(  # an EMAIL_PATTERN guess that bounced hard: never guessed 
     Column("userid", String(64), primary_key=True),  # lower case
     Column("address", String(320), primary_key=True),  # lower case
     Column("since", Double, nullable=False),
+)
+
+
+# --- WeCom application messages (issue 21): per-person and daily limits shared by every process ---------
+
+message_log = Table(  # one row per person per message/send call, kept an hour (WeCom: 30 a minute, 1,000 an hour)
+    "wm_message_log", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("address", String(320), nullable=False),  # wecom:<userid>, as on the delivery
+    Column("sent_at", Double, nullable=False),
+    Index("ix_wm_message_log_address", "address", "sent_at"),
+    Index("ix_wm_message_log_sent_at", "sent_at"),
+)
+
+message_days = Table(  # message recipients per calendar day in TIMEZONE (WECOM_MESSAGE_MAX_PER_DAY)
+    "wm_message_days", metadata,
+    Column("day", String(10), primary_key=True),  # YYYY-MM-DD
+    Column("sent", Integer, nullable=False),
 )

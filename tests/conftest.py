@@ -178,6 +178,20 @@ def processes(tmp_path):
     launcher.stop_all()
 
 
+# --- WeCom application messages (issue 21) ----------------------------------------------------------------
+
+@pytest.fixture
+def messaging(standin, smtp_sink, db_url, tmp_path):
+    """messaging(mode, **env): a service with WECOM_MESSAGE=mode whose self-built app is the stand-in's."""
+    from support.messages import APP_AGENT_ID, APP_SECRET, build_service, message_env
+
+    standin.enable_app(APP_AGENT_ID, APP_SECRET)
+
+    def make(mode: str = "fallback", **env):
+        return build_service(message_env(standin, smtp_sink, db_url, tmp_path, mode, **env))
+    return make
+
+
 # --- what this run covers ----------------------------------------------------------------------------------
 
 def pytest_report_header(config):

@@ -52,6 +52,11 @@ BAD = [
     ("BOUNCE_ADDRESS", "退信@corp.example", "BOUNCE_ADDRESS must be a plain address"),
     ("BOUNCE_SOFT_LIMIT", "0", "BOUNCE_SOFT_LIMIT must be between 1 and 100"),
     ("BOUNCE_SOFT_LIMIT", "many", "BOUNCE_SOFT_LIMIT must be a whole number"),
+    # WeCom application messages (issue 21)
+    ("WECOM_MESSAGE", "sometimes", "WECOM_MESSAGE must be one of off, fallback, all, only"),
+    ("WECOM_MESSAGE", "fallback", "WECOM_MESSAGE=fallback needs WECOM_AGENT_ID"),
+    ("WECOM_MESSAGE_MAX_PER_DAY", "-1", "WECOM_MESSAGE_MAX_PER_DAY must be between 0 and"),
+    ("WECOM_MESSAGE_MAX_PER_DAY", "lots", "WECOM_MESSAGE_MAX_PER_DAY must be a whole number"),
 ]
 
 
@@ -170,3 +175,15 @@ def test_example_env_lists_every_variable_of_design_md():
     example = _example_env()
     assert len(names) >= 20, f"DESIGN.md's variable table was not found (read {sorted(names)})"
     assert names <= set(example), f"missing from config.example.env: {names - set(example)}"
+
+
+def test_wecom_message_needs_the_apps_secret_too_and_is_off_by_default():
+    """WECOM_MESSAGE other than off without WECOM_APP_SECRET stops start-up naming it; off needs neither."""
+    with pytest.raises(config.ConfigError) as info:
+        config.from_env(base_env(WECOM_MESSAGE="only", WECOM_AGENT_ID="1000002"))
+    assert "WECOM_APP_SECRET" in str(info.value) and "\n" not in str(info.value)
+    settings = config.from_env(base_env())
+    assert (settings.wecom_message, settings.wecom_message_max_per_day) == ("off", 0)
+    on = config.from_env(base_env(WECOM_MESSAGE="Fallback", WECOM_AGENT_ID="1000002",
+                                  WECOM_APP_SECRET="app-secret-placeholder", WECOM_MESSAGE_MAX_PER_DAY="500"))
+    assert (on.wecom_message, on.wecom_message_max_per_day, on.agent_id) == ("fallback", 500, 1000002)

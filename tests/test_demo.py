@@ -11,7 +11,8 @@ def test_demo_runs_without_configuration_and_prints_the_emails():
     result = subprocess.run([sys.executable, "-m", "flask", "--app", "app", "demo"], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "5 of 5 emails written" in result.stdout
+    assert "5 of 5 emails written" in result.stdout and "1 WeCom message(s) sent to zhaoli" in result.stdout
+    assert "--- WeCom application message (message/send, agentid 1000002)\ntouser:  zhaoli\n" in result.stdout
     assert result.stdout.count("Subject: 新增成员") == 5
     assert "新增成员 ID：wangxiaoming" in result.stdout and "To:      王小明 <wangxiaoming@corp.example>" in result.stdout
 

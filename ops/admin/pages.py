@@ -8,7 +8,7 @@ from pathlib import Path
 from flask import abort, current_app, redirect, render_template, request, url_for
 
 import services
-from ops import report
+from ops import channel_report, report
 from ops.admin.blueprint import MAX_ID, bp, choice as _choice, engine as _engine, log
 from store import addressbook, outbox
 from store.schema import DELIVERY_OPEN, DELIVERY_STATUSES, EVENT_OPEN, EVENT_STATUSES
@@ -26,6 +26,8 @@ def events():
     by_event, by_delivery = report.status_totals(_engine())
     return render_template("admin/events.html", rows=rows, by_event=by_event, by_delivery=by_delivery,
                            digest=report.digest_summary(_engine()),
+                           channels=channel_report.totals(_engine()),
+                           channel_problems=channel_report.problems(_engine()),
                            status=status, delivery=delivery, limit=limit, requeued=_requeued(),
                            event_statuses=EVENT_STATUSES, delivery_statuses=DELIVERY_STATUSES)
 
