@@ -241,7 +241,7 @@ class WeComStandIn:
         if page == OAUTH_PAGE:
             return 302, b"", {"Location": back}
         who = html.escape(json.dumps(self._signer or {"userid": "zhangsan"}, ensure_ascii=False))
-        body = (f'<!doctype html><meta charset="utf-8"><title>企业微信登录 stand-in</title>'
+        body = (f'<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><title>企业微信登录 stand-in</title>'
                 f'<p>扫码登录 stand-in: {who}</p><p><a id="confirm" href="{html.escape(back)}">确认登录 Confirm</a></p>')
         return 200, body.encode("utf-8"), {"Content-Type": "text/html; charset=utf-8"}
 
