@@ -98,6 +98,8 @@ def test_a_save_is_a_version_the_next_event_is_rendered_from_it_and_a_restore_is
     with service.engine.connect() as conn:
         event = conn.execute(sa.select(schema.events).where(schema.events.c.source == "callback")).one()
     assert event.template_version == versions[0].id  # what people received, and from which version
+    shown = client.get(f"/admin/events/{event.id}").get_data(as_text=True)
+    assert re.search(rf'id="template-version"><a [^>]*>#{versions[0].id}</a>', shown)
 
     restored = client.post(f"/admin/templates/create_user/restore/{versions[1].id}", data={"csrf_token": csrf})
     assert restored.status_code == 302

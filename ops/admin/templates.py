@@ -6,6 +6,8 @@ page comes back with what the worker would send, rendered by the worker's own re
 """
 from __future__ import annotations
 
+import time
+
 from flask import abort, current_app, redirect, render_template, request, url_for
 from sqlalchemy.exc import DBAPIError
 
@@ -23,6 +25,22 @@ from store import addressbook, template_versions as versions, template_writes, t
 
 def _template_engine():
     return services.of(current_app).template_engine
+
+
+DENIED_CACHE_SECONDS = 60  # how long a probe of the template user's rights is reused by this process
+_DENIED = "wecom_mailer_template_write_denied"  # app.extensions: (checked at, reason or None)
+
+
+def _write_denied() -> str | None:
+    """Whether the template database user may write (probed at most once a minute per process: a preview is
+    a round trip of its own; a save always finds out by writing)."""
+    checked = current_app.extensions.get(_DENIED)
+    if checked is None or time.monotonic() - checked[0] > DENIED_CACHE_SECONDS:
+        s = _settings()
+        checked = (time.monotonic(), template_writes.write_denied(_template_engine(), s.template_table,
+                                                                  s.template_app))
+        current_app.extensions[_DENIED] = checked
+    return checked[1]
 
 
 def _rows() -> tuple[dict[str, dict], str | None]:
@@ -74,7 +92,7 @@ def _editor(change_type: str, title: str, body: str, status: int = 200, **extra)
     problem = editing.check(title, body)
     preview = (editing.Preview(error=problem) if problem else
                editing.preview(s, change_type, title, body, change, templates=stored))
-    denied = None if error else template_writes.write_denied(_template_engine(), s.template_table, s.template_app)
+    denied = None if error else _write_denied()
     sql = (template_writes.sql_to_run(s.template_table, s.template_app, change_type, title, body,
                                       exists=change_type in rows) if denied and not problem else None)
     return render_template("admin/template_edit.html", change_type=change_type, title=title, body=body,
@@ -119,6 +137,7 @@ def _save(change_type: str, title: str, body: str, action: str = versions.SAVE, 
     try:
         template_writes.save(_template_engine(), s.template_table, s.template_app, change_type, title, body)
     except template_writes.WriteDenied as exc:
+        current_app.extensions[_DENIED] = (time.monotonic(), str(exc))
         log.warning("template %s not saved: the template database refused the write (%s)", change_type, exc)
         return _editor(change_type, title, body, status=403, refused=f"模板数据库只读，未保存 The template database "
                                                                      f"refused the write, nothing was saved: {exc}")
