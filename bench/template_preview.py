@@ -56,6 +56,7 @@ def preview(requests_count: int = 400) -> dict:
         for _ in range(20):  # warm-up
             client.post("/admin/templates/create_user", data={**form, "event": "sample"})
         took, floor = [], []
+        cpu_started = time.process_time()
         for i in range(requests_count):
             started = time.perf_counter()
             response = client.post("/admin/templates/create_user", data={**form, "event": choices[i % len(choices)]})
@@ -64,9 +65,10 @@ def preview(requests_count: int = 400) -> dict:
             started = time.perf_counter()
             client.get("/healthz")
             floor.append((time.perf_counter() - started) * 1000)
+        cpu = (time.process_time() - cpu_started) * 1000 / requests_count  # this process's CPU (MariaDB's not)
         engine.dispose()
     return {"requests": requests_count, "p50": statistics.median(took), "p95": _p(took, 0.95), "max": max(took),
-            "floor_p50": statistics.median(floor), "floor_p95": _p(floor, 0.95)}
+            "floor_p50": statistics.median(floor), "floor_p95": _p(floor, 0.95), "cpu": cpu}
 
 
 def main() -> int:
@@ -74,7 +76,7 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=400)
     result = preview(parser.parse_args().requests)
     print(f"preview with the 10 latest events, {result['requests']} requests: p50 {result['p50']:.1f} ms, "
-          f"p95 {result['p95']:.1f} ms, max {result['max']:.1f} ms (floor GET /healthz: p50 "
+          f"p95 {result['p95']:.1f} ms, max {result['max']:.1f} ms, CPU {result['cpu']:.1f} ms a request (floor GET /healthz: p50 "
           f"{result['floor_p50']:.2f} ms, p95 {result['floor_p95']:.2f} ms); target p95 < 100 ms: "
           f"{'ok' if result['p95'] < 100 else 'MISSED'}")
     return 0
