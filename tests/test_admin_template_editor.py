@@ -177,6 +177,10 @@ def test_hostile_input_in_every_field_is_harmless(service, admin, fields):
         templates_repo.render_email(row, __import__("wecom").parse_event(change_xml("create_user", "u")), None)
         assert "\r" not in row.title and "\n" not in row.title and len(row.body.encode()) <= 60_000
     assert response.headers["Content-Security-Policy"].startswith("default-src 'none'")
+    before = stored(service)
+    for token in ("", "forged"):  # every form is CSRF-checked
+        assert post(client, token, "save", title="CSRF {name}").status_code == 400
+    assert stored(service) == before
     assert client.post("/admin/templates/create_user/restore/99999999999999999999",
                        data={"csrf_token": csrf}).status_code == 404
     assert client.get("/admin/login/wecom/callback?state=" + "A" * 5000 + "&code=" + "c" * 5000).status_code == 400
