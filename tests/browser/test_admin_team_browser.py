@@ -57,6 +57,8 @@ def test_sign_in_edit_preview_save_roll_back_test_send_and_audit(browser, team_s
         page.get_by_role("link", name="模板 Templates").click()
         page.locator("#template-create_user").get_by_role("link", name="编辑 Edit").click()
         expect(page.get_by_role("heading", name="编辑模板 Edit template: create_user")).to_be_visible()
+        fits = "document.documentElement.scrollWidth <= window.innerWidth"  # nothing wider than the phone
+        assert page.evaluate(fits), "the editor is wider than a phone's screen"
         page.get_by_label("正文 Body").fill("新成员 ID：{usrid}")
         page.get_by_role("button", name="预览 Preview").click()
         expect(page.locator(".preview-error")).to_contain_text("template placeholder {usrid} is not allowed")
@@ -83,6 +85,7 @@ def test_sign_in_edit_preview_save_roll_back_test_send_and_audit(browser, team_s
         for action in ("sign-in", "template-save", "template-rollback", "template-test-send"):
             expect(rows.and_(page.locator(f'[data-action="{action}"]'))).to_have_count(1)
         page.screenshot(path=tmp_path / "admin-audit-phone.png", full_page=True)
+        assert page.evaluate(fits), "the audit page is wider than a phone's screen"
         page.get_by_role("button", name="退出 Log out", exact=True).click()
         expect(page.get_by_role("heading", name="登录 Log in")).to_be_visible()
         page.goto(f"{base}/admin/audit")
