@@ -138,6 +138,8 @@ def test_a_test_goes_to_the_signed_in_person_through_the_outbox_marked_as_a_test
         event = conn.execute(sa.select(schema.events)).one()
     assert (event.source, event.status) == ("test", "done")
     assert 'class="badge source-test"' in client.get("/admin/").get_data(as_text=True)
+    status = service.test_cli_runner().invoke(args=["status"]).output
+    assert "(source: test)" in status
     [row] = audit.entries(service.engine, action="template-test-send")
     assert row.actor == ADMIN and "user0002@corp.example" in row.detail
     # a token session has no address of its own
