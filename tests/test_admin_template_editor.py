@@ -235,3 +235,13 @@ def test_a_read_only_template_database_is_explained_and_nothing_is_saved(mysql_s
             conn.execute(sa.text(f"DROP USER IF EXISTS '{user}'@'localhost'"))
             conn.execute(sa.text(f"DROP DATABASE IF EXISTS `{name}`"))
         root.dispose()
+
+
+def test_the_digest_template_is_previewed_with_its_own_placeholders(service, admin):
+    client, csrf = admin
+    page = post(client, csrf, "preview", change_type="digest", title="{count} 项变更 changes",
+                body="{first_time} – {last_time}\\n{changes}").get_data(as_text=True)
+    assert re.search(r'id="preview-subject">2 项变更 changes<', page)
+    assert "新增成员" in page and "更新成员" in page  # each change rendered by its own stored template
+    wrong = post(client, csrf, "save", change_type="digest", title="{count}", body="{userid}")
+    assert wrong.status_code == 400 and "template placeholder {userid} is not allowed" in wrong.get_data(as_text=True)
