@@ -62,6 +62,15 @@ def test_sign_in_edit_preview_save_roll_back_test_send_and_audit(browser, team_s
         page.get_by_label("正文 Body").fill("新成员 ID：{usrid}")
         page.get_by_role("button", name="预览 Preview").click()
         expect(page.locator(".preview-error")).to_contain_text("template placeholder {usrid} is not allowed")
+        hostile = '<img src=x onerror="document.title=1">{name}<script>document.title=2</script>'
+        page.get_by_label("标题 Title").fill(hostile)
+        page.get_by_label("正文 Body").fill(hostile + "\n{__class__}")
+        page.get_by_role("button", name="预览 Preview").click()
+        expect(page.locator(".preview-error")).to_contain_text("template placeholder {__class__} is not allowed")
+        expect(page.get_by_label("标题 Title")).to_have_value(hostile)  # shown as text, kept as typed
+        assert page.locator("#editor img, #preview img, script").count() == 0  # no markup of ours ran
+        assert page.title().startswith("编辑模板 Edit create_user")  # no handler or script changed it
+        page.get_by_label("标题 Title").fill("新增成员")
         page.get_by_label("正文 Body").fill("新成员 ID：{userid}，时间 {createtime}")
         page.get_by_role("button", name="预览 Preview").click()
         expect(page.locator("#preview-body")).to_have_text("新成员 ID：zhangsan，时间 2023-11-15 06:13:20")
