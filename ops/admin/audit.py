@@ -18,5 +18,5 @@ def audit_page():
     action = request.args.get("action", "").strip()[:32] or None
     limit = min(max(request.args.get("limit", 200, type=int), 1), 1000)
     rows = audit.entries(engine(), actor=actor, action=action, limit=limit)
-    return render_template("admin/audit.html", rows=rows, actor_filter=actor or "", action_filter=action or "", limit=limit,
-                           actions=ACTIONS)
+    return render_template("admin/audit.html", rows=rows, actor_filter=actor or "", action_filter=action or "",
+                           limit=limit, actions=ACTIONS)

@@ -40,8 +40,8 @@ def _enabled():
 @bp.before_request
 def hand_over_after_sign_in():
     """Right after a WeCom sign-in, a page that got no session cookie re-loads itself once, same-site."""
-    if (request.method != "GET" or not request.cookies.get(JUST_SIGNED_IN)
-            or request.cookies.get(sessions.COOKIE) or request.endpoint in ("admin.wecom_login", "admin.wecom_callback")):
+    if (request.method != "GET" or not request.cookies.get(JUST_SIGNED_IN) or request.cookies.get(sessions.COOKIE)
+            or request.endpoint in ("admin.wecom_login", "admin.wecom_callback")):
         return None
     response = make_response(render_template("admin/reload.html", target=request.full_path.rstrip("?")))
     response.delete_cookie(JUST_SIGNED_IN, **_cookie_args("/admin"))
