@@ -78,6 +78,11 @@ class Settings:
     bounce_soft_limit: int = 3
     wecom_message: str = "off"  # WECOM_MESSAGE_MODES
     wecom_message_max_per_day: int = 0
+    # WeCom sign-in to /admin (docs/admin.md): who may sign in, where WeCom sends them back, its two pages.
+    admin_userids: tuple[str, ...] = ()
+    public_url: str | None = None
+    qr_login_url: str = "https://login.work.weixin.qq.com/wwlogin/sso/login"
+    oauth_url: str = "https://open.weixin.qq.com/connect/oauth2/authorize"
 
     @property
     def tz(self) -> ZoneInfo:
@@ -142,6 +147,14 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     api_base = r.text("WECOM_API_BASE", d["api_base"])
     if not re.match(r"^https?://", api_base):
         raise ConfigError("WECOM_API_BASE must be an http(s) URL, e.g. " + DEFAULT_API_BASE)
+    agent_id, app_secret = r.agent_id(), r.secret("WECOM_APP_SECRET") or None
+    admin_userids, public_url = r.admin_userids(), r.public_url()
+    if admin_userids:
+        missing = [name for name, value in (("WECOM_AGENT_ID", agent_id), ("WECOM_APP_SECRET", app_secret),
+                                            ("PUBLIC_URL", public_url)) if not value]
+        if missing:
+            raise ConfigError(f"ADMIN_USERIDS needs {', '.join(missing)}: set the self-built app's AgentId and "
+                              "Secret and the service's public https origin (docs/admin.md), or unset ADMIN_USERIDS")
     return Settings(
         corp_id=r.required("WECOM_CORP_ID", "copy 企业ID from 我的企业 > 企业信息"),
         contact_secret=r.required("WECOM_CONTACT_SECRET", "copy the Secret from 管理工具 > 通讯录同步"),
@@ -190,8 +203,12 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         metrics_token=r.secret("METRICS_TOKEN") or None,
         log_level=r.choice("LOG_LEVEL", d["log_level"], ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
         log_format=r.choice("LOG_FORMAT", d["log_format"], ("text", "json")),
-        agent_id=r.agent_id(),
-        app_secret=r.secret("WECOM_APP_SECRET") or None,
+        agent_id=agent_id,
+        app_secret=app_secret,
+        admin_userids=admin_userids,
+        public_url=public_url,
+        qr_login_url=r.page_url("WECOM_QR_LOGIN_URL", d["qr_login_url"]),
+        oauth_url=r.page_url("WECOM_OAUTH_URL", d["oauth_url"]),
         bounce_address=r.bounce_address(),
         bounce_soft_limit=r.int("BOUNCE_SOFT_LIMIT", d["bounce_soft_limit"], 1, 100),
         **_wecom_message(r, d),

@@ -165,6 +165,32 @@ class Reader:
                               "it to keep MAIL_FROM's address as the envelope sender")
         return value
 
+    def admin_userids(self) -> tuple[str, ...]:
+        userids = self.csv("ADMIN_USERIDS", "")
+        for userid in userids:
+            if not re.fullmatch(r"[A-Za-z0-9_.@-]{1,64}", userid):
+                raise ConfigError(f"ADMIN_USERIDS must be WeCom userids (帐号) separated by commas (got {userid!r}): "
+                                  "copy them from 通讯录 > the member > 帐号")
+        return tuple(dict.fromkeys(userids))
+
+    def public_url(self) -> str | None:
+        value = self.text("PUBLIC_URL", "").rstrip("/")
+        if not value:
+            return None
+        match = re.fullmatch(r"(https?)://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:]+\])(:[0-9]{1,5})?", value)
+        local = bool(match) and match.group(2) in ("127.0.0.1", "localhost")
+        if not match or (match.group(1) == "http" and not local):
+            raise ConfigError(f"PUBLIC_URL must be the service's https origin without a path, e.g. "
+                              f"https://notify.corp.example (http only for 127.0.0.1 or localhost; got {value!r})")
+        return value
+
+    def page_url(self, name: str, default: str) -> str:
+        value = self.text(name, default)
+        if not re.fullmatch(r"https?://[^\s?#]+", value):
+            raise ConfigError(f"{name} must be an http(s) URL without a query (got {value!r}): unset it for "
+                              f"WeCom's own page {default}")
+        return value
+
     def callback_token(self) -> str:
         token = self.required("WECOM_CALLBACK_TOKEN", "copy Token from the contact callback settings (接收事件服务器)")
         if not re.fullmatch(r"[A-Za-z0-9]{1,32}", token):

@@ -119,6 +119,17 @@ class WeComClient:
         """Any API call ("get"/"post", e.g. "message/send", data=…) with the shared token, refreshed once."""
         return self._call(method, api, params, **kwargs)
 
+    def user_for_code(self, code: str) -> tuple[str, str]:
+        """WeCom sign-in (auth/getuserinfo, the app's token): (userid, "") for a member of the corp, ("", openid)
+        for anyone else. The code is single-use and never appears in an error message."""
+        try:
+            result = self._call("get", "auth/getuserinfo", params={"code": code})
+        except WeComError as exc:
+            raise WeComError(str(exc).replace(code, "***") if code else str(exc), exc.errcode, exc.permanent) from None
+        userid = result.get("userid") or result.get("UserId") or ""
+        outsider = result.get("openid") or result.get("OpenId") or result.get("external_userid") or ""
+        return str(userid), str(outsider if not userid else "")
+
     def list_members(self, department_ids, fetch_child: bool = False) -> dict[int, list[Member]]:
         """Members of each watched department (and its sub-departments with fetch_child), one per userid."""
         listed: dict[int, list[Member]] = {}  # one user/list call per department per invocation

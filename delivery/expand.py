@@ -10,7 +10,7 @@ import wecom
 import wecom_api
 from channels import modes
 from delivery import announced, digest
-from store import addressbook, outbox
+from store import addressbook, outbox, template_versions
 from store.snapshots import load_snapshots
 
 log = logging.getLogger("wecom_mailer.worker")
@@ -64,6 +64,11 @@ def expand(worker, row) -> bool:
                                hold=digest.hold_for(worker)):
         log.warning("event %s: lease lost while expanding; another worker has it", row.id)
         return False
+    try:  # which saved version of the template this message came from (/admin/templates), NULL if none
+        template_versions.mark_event(worker.engine, row.id, settings.template_app, change.change_type,
+                                     template.title, template.body)
+    except DBAPIError as exc:
+        log.warning("event %s: template version not recorded (%s)", row.id, exc.orig.__class__.__name__)
     return True
 
 

@@ -19,6 +19,8 @@ from devtools.wecom_standin_app import AppMessages, _int, _json
 SURNAMES = "张王李赵刘陈杨黄周吴"
 GIVEN_NAMES = ("伟", "芳", "娜", "敏", "静", "磊", "洋", "艳", "勇", "军", "杰", "娟")
 PAGE_LIMIT = 10000  # user/list_id's largest page
+QR_PAGE, OAUTH_PAGE = "/wwlogin/sso/login", "/connect/oauth2/authorize"  # WeCom sign-in (issue 22)
+SIGN_IN_PAGES = (QR_PAGE, OAUTH_PAGE)
 
 
 def make_members(n: int, department_id: int, prefix: str = "user", domain: str = "corp.example",
@@ -109,6 +111,8 @@ class WeComStandIn(AppMessages):
         url = urlsplit(target)
         path = url.path.removeprefix("/cgi-bin/")
         query = {key: values[0] for key, values in parse_qs(url.query).items()}
+        if url.path in SIGN_IN_PAGES:  # WeCom sign-in (issue 22): the pages a browser is sent to
+            return self._sign_in_page(url.path, query)
         with self._lock:
             self.calls[path] += 1
             scripted = self._next_scripted(path)
@@ -134,7 +138,7 @@ class WeComStandIn(AppMessages):
             return 200, _json(self._gettoken(query))
         routes = {("GET", "user/list"): self._user_list, ("GET", "department/simplelist"): self._simplelist,
                   ("POST", "user/list_id"): self._list_id, **self._message_routes()}
-        handler = routes.get((method, path))
+        handler = routes.get((method, path)) or self._sign_in_routes().get((method, path))
         if handler is None:
             return 404, b"not found"
         with self._lock:
@@ -149,7 +153,7 @@ class WeComStandIn(AppMessages):
         if query.get("corpid") != self.corp_id:
             return {"errcode": 40013, "errmsg": "invalid corpid"}
         app = self.app_secret is not None and query.get("corpsecret") == self.app_secret
-        if query.get("corpsecret") != self.secret and not app:
+        if query.get("corpsecret") not in (self.secret, *self.app_secrets) and not app:
             return {"errcode": 40001, "errmsg": "invalid secret"}
         token = secrets.token_urlsafe(48)
         with self._lock:
@@ -197,6 +201,56 @@ class WeComStandIn(AppMessages):
         return _json({"errcode": 0, "errmsg": "ok", "dept_user": pairs[start:end],
                       "next_cursor": str(end) if end < len(pairs) else ""})
 
+    # --- WeCom sign-in (issue 22): the QR login and OAuth2 pages, auth/getuserinfo, the app's secret -------
+    # The QR page shows a link back to redirect_uri with a fresh code (a browser test clicks it, as a phone
+    # scanning the code would); the OAuth2 page answers 302 straight back (silent, as inside WeCom).
+    # auth/getuserinfo turns each code into the identity chosen by sign_in_as(), once.
+
+    app_secrets: tuple[str, ...] = ()  # further secrets gettoken accepts: set to (WECOM_APP_SECRET,)
+    _signer: dict | None = None  # class defaults: this block leaves __init__ alone
+    _codes: dict | None = None
+
+    def sign_in_as(self, userid: str = "", openid: str = "") -> None:
+        """Who the next codes belong to: a member's `userid`, or someone outside the corp (`openid`)."""
+        with self._lock:
+            self._signer = {"userid": userid} if userid else {"openid": openid or "o-outsider"}
+
+    def issue_code(self) -> str:
+        """A fresh single-use code for the identity of sign_in_as() (as WeCom's pages hand out)."""
+        code = secrets.token_urlsafe(24)
+        with self._lock:
+            self._codes = self._codes or {}
+            self._codes[code] = dict(self._signer or {"userid": "zhangsan"})
+        return code
+
+    def _sign_in_page(self, page: str, query: dict) -> tuple[int, bytes, dict]:
+        import html
+        from urllib.parse import urlencode
+
+        with self._lock:
+            self.calls[page] += 1
+        redirect_uri, state = query.get("redirect_uri", ""), query.get("state", "")
+        if query.get("appid") != self.corp_id or not query.get("agentid") or not redirect_uri.startswith("http"):
+            return 400, b"stand-in: appid, agentid or redirect_uri missing or wrong", {"Content-Type": "text/plain"}
+        back = f"{redirect_uri}{'&' if '?' in redirect_uri else '?'}" + urlencode({"code": self.issue_code(),
+                                                                                   "state": state})
+        if page == OAUTH_PAGE:
+            return 302, b"", {"Location": back}
+        who = html.escape(json.dumps(self._signer or {"userid": "zhangsan"}, ensure_ascii=False))
+        body = (f'<!doctype html><meta charset="utf-8"><link rel="icon" href="data:,"><title>企业微信登录 stand-in</title>'
+                f'<p>扫码登录 stand-in: {who}</p><p><a id="confirm" href="{html.escape(back)}">确认登录 Confirm</a></p>')
+        return 200, body.encode("utf-8"), {"Content-Type": "text/html; charset=utf-8"}
+
+    def _sign_in_routes(self) -> dict:
+        return {("GET", "auth/getuserinfo"): self._getuserinfo}
+
+    def _getuserinfo(self, query: dict, _body: bytes) -> bytes:
+        with self._lock:
+            identity = (self._codes or {}).pop(query.get("code", ""), None)
+        if identity is None:
+            return _json({"errcode": 40029, "errmsg": "invalid code"})
+        return _json({"errcode": 0, "errmsg": "ok", **identity})
+
 
 
 
@@ -211,10 +265,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _reply(self, method: str) -> None:
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        status, payload = self.server.standin.answer(method, self.path, body)
+        status, payload, *extra = self.server.standin.answer(method, self.path, body)
+        headers = extra[0] if extra else {"Content-Type": "application/json; charset=utf-8"}  # sign-in pages
         try:
             self.send_response(status)
-            self.send_header("Content-Type", "application/json; charset=utf-8")
+            for name, value in headers.items():
+                self.send_header(name, value)
             self.send_header("Content-Length", str(len(payload)))
             self.end_headers()
             self.wfile.write(payload)

@@ -1,4 +1,4 @@
-"""`flask --app app …` commands: init-db, worker, simulate, check, status, retry, import-addresses."""
+"""`flask --app app …` commands: init-db, worker, simulate, check, status, retry, import-addresses, audit."""
 from __future__ import annotations
 
 import logging
@@ -14,14 +14,15 @@ from flask.cli import with_appcontext
 import services
 import templates_repo
 import wecom
+from logs import escape_controls
 from ops import bounce_cli, checks, report
-from store import addressbook, outbox
+from store import addressbook, audit, outbox
 from store.migrate import upgrade
 
 
 def init_app(app) -> None:
     """Register the commands on the app's CLI (`demo` comes from devtools/, outside the service)."""
-    for command in (init_db, worker_command, simulate, check, status, retry, import_addresses):
+    for command in (init_db, worker_command, simulate, check, status, retry, import_addresses, audit_command):
         app.cli.add_command(command)
     bounce_cli.init_app(app)  # bounces, suppressions
 
@@ -44,6 +45,8 @@ def init_db(seed_templates: bool) -> None:
         added = templates_repo.seed_templates(parts.template_engine, settings.template_table,
                                               settings.template_app)
         click.echo(f"Template table {settings.template_table}: {added} row(s) added for app {settings.template_app}.")
+        if added:
+            _audit("seed-templates", settings.template_table, f"{added} row(s) added for app {settings.template_app}")
 
 
 @click.command("worker")
@@ -149,6 +152,8 @@ def retry(event_id: int | None, all_failed: bool) -> None:
     events, deliveries = outbox.requeue(_services().engine, event_id)
     if event_id is not None and events == deliveries == 0:
         raise click.ClickException(f"event {event_id}: nothing to retry (no such event, or nothing failed)")
+    _audit("retry", f"event {event_id}" if event_id is not None else "all failed",
+           f"{events} event(s), {deliveries} delivery(ies)")
     click.echo(f"Requeued {events} event(s) and {deliveries} delivery(ies).")
 
 
@@ -161,6 +166,45 @@ def import_addresses(csv_file: str) -> None:
         result = addressbook.import_csv(_services().engine, csv_file)
     except ValueError as exc:
         raise click.ClickException(str(exc))
+    _audit("import-addresses", click.format_filename(csv_file)[-200:],
+           f"{result.added} added, {result.updated} updated, {result.rejected} rejected")
     click.echo(f"Address book: {result.added} added, {result.updated} updated, {result.rejected} rejected.")
     for error in result.errors[:50]:
         click.echo(f"  rejected {error}", err=True)
+
+
+def _audit(action: str, target: str, detail: str) -> None:
+    """The audit row of a command that changed something (actor `cli`, client: this machine)."""
+    import socket
+
+    audit.record(_services().engine, audit.CLI, action, target=target, detail=detail, client=socket.gethostname())
+
+
+@click.command("audit")
+@click.option("--since", default=None, help="Only entries from this day or time on, in TIMEZONE: 2026-12-01 or "
+                                            "'2026-12-01 08:00'.")
+@click.option("--limit", default=1000, show_default=True, help="At most this many (the newest).")
+@with_appcontext
+def audit_command(since: str | None, limit: int) -> None:
+    """Print the audit log, oldest first: time, actor, client, action, target, detail (one line each)."""
+    from datetime import datetime
+
+    parts = _services()
+    since_epoch = None
+    if since:
+        for form in ("%Y-%m-%d", "%Y-%m-%d %H:%M", "%Y-%m-%d %H:%M:%S", "%Y-%m-%dT%H:%M:%S"):
+            try:
+                since_epoch = datetime.strptime(since.strip(), form).replace(tzinfo=parts.settings.tz).timestamp()
+                break
+            except ValueError:
+                continue
+        else:
+            raise click.BadParameter(f"{since!r} is not a date: use 2026-12-01 or '2026-12-01 08:00' (in "
+                                     f"{parts.settings.timezone})", param_hint="--since")
+    rows = audit.entries(parts.engine, since=since_epoch, limit=max(1, min(limit, 100_000)))
+    for row in reversed(rows):
+        fields = (report.local_time(row.at, parts.settings.tz), row.actor, row.client or "-", row.action,
+                  row.target or "-", row.detail or "")
+        click.echo("  ".join(escape_controls(str(f)) for f in fields).rstrip())
+    if not rows:
+        click.echo("No audit entries" + (f" since {since}." if since else "."))

@@ -149,7 +149,8 @@ def status_lines(engine, tz: tzinfo, event_id: int | None = None, limit: int = 2
     lines = [f"{'id':>8}  {'received':<19}  {'change':<12} {'userid':<16} {'status':<8} deliveries"]
     for r in rows:
         counts = ", ".join(f"{n} {s}" for s, n in sorted(r["counts"].items())) or "-"
-        source = "  (source: reconcile)" if r["source"] == "reconcile" else ""  # no callback ever came for it
+        # reconcile: no callback ever came for it; test: a template test sent from /admin/templates
+        source = f"  (source: {r['source']})" if r["source"] in ("reconcile", "test") else ""
         lines.append(f"{r['id']:>8}  {local_time(r['received_at'], tz)}  {r['change_type']:<12} {r['user_id']:<16} "
                      f"{r['status']:<8} {counts}{source}")
         if r["status"] in ("failed", "skipped") or (r["status"] == "pending" and r["attempts"]) or \

@@ -340,3 +340,38 @@ message_days = Table(  # message recipients per calendar day in TIMEZONE (WECOM_
     Column("day", String(10), primary_key=True),  # YYYY-MM-DD
     Column("sent", Integer, nullable=False),
 )
+
+
+# --- /admin for a team: WeCom sign-in, who a session belongs to, template versions (issue 22) -------------
+
+# Who a session belongs to: a WeCom userid, or `token` for ADMIN_TOKEN (a session of the previous release is
+# a token session, hence the server default).
+admin_sessions.append_column(Column("actor", String(64), nullable=False, server_default="token"))
+# The template version an event's message was rendered from (store/template_versions.py); NULL when the row
+# in the template table matches no version saved through /admin (edited with SQL, or before versions).
+events.append_column(Column("template_version", BigInteger))
+
+sign_in_states = Table(  # a WeCom sign-in in progress: its `state`, bound to the visitor's pre-session cookie
+    "wm_sign_in_states", metadata,
+    Column("state_digest", String(64), primary_key=True),  # sha256 of `state`; taken (deleted) once
+    Column("visitor_digest", String(64), nullable=False),  # sha256 of the pre-session cookie's value
+    Column("created_at", Double, nullable=False),
+    Column("expires_at", Double, nullable=False),
+    Index("ix_wm_sign_in_states_expires", "expires_at"),
+)
+
+template_versions = Table(  # every title/body saved through /admin/templates: who, when, what (append only)
+    "wm_template_versions", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("app", String(64), nullable=False),
+    Column("change_type", String(32), nullable=False),
+    Column("email_title", Text, nullable=False),
+    Column("email_body", LongText, nullable=False),
+    Column("digest", String(64), nullable=False),  # sha256 of title and body: which version a row is
+    Column("saved_by", String(64), nullable=False),
+    Column("saved_at", Double, nullable=False),
+    Column("action", String(16), nullable=False),  # save | rollback | original (the row as found before)
+    Column("restored_from", BigInteger),  # the version a rollback restored
+    Index("ix_wm_template_versions_type", "app", "change_type", "id"),
+    Index("ix_wm_template_versions_digest", "app", "change_type", "digest"),
+)

@@ -31,14 +31,24 @@ def _digest(session_id: str) -> str:
     return hashlib.sha256(session_id.encode("utf-8")).hexdigest()
 
 
-def open_session(engine: Engine, client: str, lifetime: float) -> str:
-    """A new session for `client`; returns its id (only its digest is stored). Expired sessions go."""
+def open_session(engine: Engine, client: str, lifetime: float, actor: str = "token") -> str:
+    """A new session for `client`, signed in as `actor` (a WeCom userid or `token`); returns its id (only its
+    digest is stored). Expired sessions go."""
     session_id, now = secrets.token_urlsafe(32), time.time()
     with engine.begin() as conn:
         conn.execute(admin_sessions.delete().where(admin_sessions.c.expires_at < now))
         conn.execute(admin_sessions.insert(), {"digest": _digest(session_id), "client": client[:64],
-                                               "created_at": now, "expires_at": now + lifetime})
+                                               "created_at": now, "expires_at": now + lifetime,
+                                               "actor": actor[:64]})
     return session_id
+
+
+def session_actor(engine: Engine, session_id: str) -> str | None:
+    """Who the session is signed in as (a WeCom userid or `token`), or None when it has ended."""
+    with engine.connect() as conn:
+        row = conn.execute(sa.select(admin_sessions.c.actor, admin_sessions.c.expires_at)
+                           .where(admin_sessions.c.digest == _digest(session_id))).first()
+    return row.actor if row is not None and row.expires_at > time.time() else None
 
 
 def session_alive(engine: Engine, session_id: str) -> bool:

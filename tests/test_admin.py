@@ -287,7 +287,7 @@ def test_template_render_error_is_shown_not_a_500(admin_app):
     response = client.get("/admin/templates")
     assert response.status_code == 200
     page = response.get_data(as_text=True)
-    assert "渲染错误 Render error: template is malformed" in page
+    assert "渲染错误 Render error: template error: template is malformed" in page  # as the worker records it
     assert "<b>" not in page and "&lt;b&gt;" in page
     assert "新增成员 ID：zhangsan" in page  # the other rows still render
 

@@ -57,6 +57,14 @@ BAD = [
     ("WECOM_MESSAGE", "fallback", "WECOM_MESSAGE=fallback needs WECOM_AGENT_ID"),
     ("WECOM_MESSAGE_MAX_PER_DAY", "-1", "WECOM_MESSAGE_MAX_PER_DAY must be between 0 and"),
     ("WECOM_MESSAGE_MAX_PER_DAY", "lots", "WECOM_MESSAGE_MAX_PER_DAY must be a whole number"),
+    # WeCom sign-in (docs/admin.md)
+    ("ADMIN_USERIDS", "zhangsan", "ADMIN_USERIDS needs WECOM_AGENT_ID, WECOM_APP_SECRET, PUBLIC_URL"),
+    ("ADMIN_USERIDS", "zhang san", "ADMIN_USERIDS must be WeCom userids"),
+    ("PUBLIC_URL", "http://notify.corp.example", "PUBLIC_URL must be the service's https origin"),
+    ("PUBLIC_URL", "https://notify.corp.example/admin", "PUBLIC_URL must be the service's https origin"),
+    ("PUBLIC_URL", "notify.corp.example", "PUBLIC_URL must be the service's https origin"),
+    ("WECOM_QR_LOGIN_URL", "login.work.weixin.qq.com", "WECOM_QR_LOGIN_URL must be an http(s) URL"),
+    ("WECOM_OAUTH_URL", "https://open.weixin.qq.com/x?a=1", "WECOM_OAUTH_URL must be an http(s) URL"),
 ]
 
 
@@ -95,6 +103,19 @@ def test_defaults_follow_the_design():
     starttls = config.from_env(base_env(SMTP_SECURITY="starttls"))
     assert starttls.smtp_port == 587
     assert config.from_env(base_env(WECOM_DEPARTMENT_ID="2, 7,2")).department_ids == (2, 7)
+
+
+def test_wecom_sign_in_settings():
+    settings = config.from_env(base_env(ADMIN_USERIDS="zhangsan, lisi,zhangsan", WECOM_AGENT_ID="1000002",
+                                        WECOM_APP_SECRET="app-secret-value", PUBLIC_URL="https://notify.corp.example/"))
+    assert settings.admin_userids == ("zhangsan", "lisi") and settings.public_url == "https://notify.corp.example"
+    assert settings.qr_login_url == "https://login.work.weixin.qq.com/wwlogin/sso/login"
+    assert settings.oauth_url == "https://open.weixin.qq.com/connect/oauth2/authorize"
+    # plain http only on this machine, so tests can run without TLS
+    assert config.from_env(base_env(PUBLIC_URL="http://127.0.0.1:8080")).public_url == "http://127.0.0.1:8080"
+    with pytest.raises(config.ConfigError) as info:
+        config.from_env(base_env(ADMIN_USERIDS="zhangsan", WECOM_AGENT_ID="1000002", WECOM_APP_SECRET="x"))
+    assert str(info.value).startswith("ADMIN_USERIDS needs PUBLIC_URL:")
 
 
 def test_secrets_can_come_from_files(tmp_path):

@@ -10,9 +10,13 @@ from flask import abort, g, redirect, render_template, request, url_for
 from ops import metrics
 import ops.admin.login_throttle as login_throttle
 import ops.admin.sessions as sessions
+import ops.admin.trail as trail
 from ops.admin.blueprint import bp, engine, log, settings
+from store import audit
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
+# Reached without a session: the login form and WeCom sign-in (ops/admin/wecom_login.py)
+PUBLIC_ENDPOINTS = ("admin.login", "admin.wecom_login", "admin.wecom_callback")
 
 
 def _same(given: str, expected: str) -> bool:
@@ -41,7 +45,7 @@ def require_login():
     """Every page but the login form needs a live session; every POST needs the session's CSRF token."""
     request.max_content_length = MAX_UPLOAD_BYTES
     g.admin_session = sessions.current()
-    if request.endpoint == "admin.login":
+    if request.endpoint in PUBLIC_ENDPOINTS:
         return None
     if g.admin_session is None:
         wanted = _safe_next(request.full_path.rstrip("?")) if request.method == "GET" else None
@@ -55,11 +59,14 @@ def require_login():
 def login():
     """The token form; a right token opens a session. Failures are throttled per address and over all."""
     next_url = _safe_next(request.values.get("next"))
-    page = {"next": next_url, "insecure": sessions.cookie_would_be_lost()}
+    page = {"next": next_url, "insecure": sessions.cookie_would_be_lost(), "token_on": bool(settings().admin_token),
+            "wecom_on": bool(settings().admin_userids)}
     if request.method == "GET":
         if g.admin_session is not None:
             return redirect(next_url or url_for("admin.events"))
         return render_template("admin/login.html", **page)
+    if not settings().admin_token:  # WeCom sign-in only: there is no token to compare
+        abort(404)
     client, db = _client(), engine()
     wait = login_throttle.retry_after(db, client)
     if wait is not None:
@@ -70,11 +77,13 @@ def login():
         login_throttle.failed(db, client)
         metrics.admin_login_failed("wrong_token")
         log.warning("admin login refused from %s: wrong token", client)
+        trail.record("sign-in-refused", detail="wrong ADMIN_TOKEN", actor=audit.TOKEN)
         return render_template("admin/login.html", error=True, **page), 403
     login_throttle.succeeded(db, client)
     response = redirect(next_url or url_for("admin.events"))
-    sessions.start(response, client, csrf=secrets.token_urlsafe(32))
+    sessions.start(response, client, csrf=secrets.token_urlsafe(32), actor=audit.TOKEN)
     log.info("admin login from %s", client)
+    trail.record("sign-in", detail="ADMIN_TOKEN", actor=audit.TOKEN)
     return response
 
 
@@ -82,6 +91,7 @@ def login():
 def logout():
     """End this browser's session: the cookie is refused from now on, wherever a copy of it is."""
     response = redirect(url_for("admin.login"))
+    trail.record("sign-out")
     sessions.end(response, g.admin_session)
     log.info("admin logout from %s", _client())
     return response
@@ -91,6 +101,8 @@ def logout():
 def logout_everywhere():
     """End every admin session, in every browser (after a lost laptop, or a token that leaked)."""
     response = redirect(url_for("admin.login"))
+    who = trail.who()  # before the session row goes
     ended = sessions.end(response, g.admin_session, everywhere=True)
+    trail.record("sign-out-everywhere", detail=f"{ended} session(s) ended", actor=who)
     log.warning("admin logged out everywhere from %s: %d session(s) ended", _client(), ended)
     return response

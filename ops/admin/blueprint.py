@@ -8,6 +8,7 @@ from sqlalchemy.exc import DBAPIError
 
 import services
 from ops import report
+from store import sessions as session_store
 
 log = logging.getLogger("wecom_mailer.admin")
 bp = Blueprint("admin", __name__, url_prefix="/admin")  # pages: templates/admin/ beside app.py
@@ -23,6 +24,14 @@ def engine():
 
 def settings():
     return services.of(current_app).settings
+
+
+def actor() -> str | None:
+    """Who this request's session is signed in as (a WeCom userid or `token`), looked up once per request."""
+    if "admin_actor" not in g:
+        session = g.get("admin_session")
+        g.admin_actor = session_store.session_actor(engine(), session.session_id) if session else None
+    return g.admin_actor
 
 
 def choice(value: str | None, options: tuple[str, ...]) -> str | None:
@@ -59,5 +68,5 @@ def database_unavailable(exc):
 @bp.context_processor
 def helpers():
     return {"csrf_token": g.admin_session.csrf if g.get("admin_session") else "",
-            "signed_in": bool(g.get("admin_session")), "when": when, "label": label,
+            "signed_in": bool(g.get("admin_session")), "when": when, "label": label, "actor": actor(),
             "timezone": settings().timezone}

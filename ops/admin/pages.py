@@ -8,6 +8,7 @@ from pathlib import Path
 from flask import abort, current_app, redirect, render_template, request, url_for
 
 import services
+import ops.admin.trail as trail
 from ops import channel_report, report
 from ops.admin.blueprint import MAX_ID, bp, choice as _choice, engine as _engine, log
 from store import addressbook, outbox
@@ -67,6 +68,7 @@ def retry_event(event_id: int):
     n_events, n_deliveries = outbox.requeue(_engine(), event_id)
     _wake_worker()
     log.info("admin requeued event %s: %d event(s), %d delivery(ies)", event_id, n_events, n_deliveries)
+    trail.record("retry", target=f"event {event_id}", detail=f"{n_events} event(s), {n_deliveries} delivery(ies)")
     return redirect(url_for("admin.event", event_id=event_id, requeued_events=n_events, requeued=n_deliveries))
 
 
@@ -76,6 +78,7 @@ def retry_failed():
     n_events, n_deliveries = outbox.requeue(_engine())
     _wake_worker()
     log.info("admin requeued all failed: %d event(s), %d delivery(ies)", n_events, n_deliveries)
+    trail.record("retry", target="all failed", detail=f"{n_events} event(s), {n_deliveries} delivery(ies)")
     return redirect(url_for("admin.events", requeued_events=n_events, requeued=n_deliveries))
 
 
@@ -105,6 +108,8 @@ def import_addresses():
             return _addresses_page(error=str(exc).replace(path, shown_name)), 400
     log.info("admin imported %s: %d added, %d updated, %d rejected", shown_name, result.added, result.updated,
              result.rejected)
+    trail.record("import-addresses", target=shown_name,
+                 detail=f"{result.added} added, {result.updated} updated, {result.rejected} rejected")
     return _addresses_page(result=result, file_name=shown_name)
 
 

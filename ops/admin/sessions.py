@@ -60,9 +60,9 @@ def current() -> AdminSession | None:
     return AdminSession(data["sid"], data["csrf"])
 
 
-def start(response, client: str, csrf: str) -> None:
-    """Open a session for `client` and set its cookie on `response`."""
-    session_id = sessions.open_session(services.of(current_app).engine, client, SESSION_SECONDS)
+def start(response, client: str, csrf: str, actor: str = "token") -> None:
+    """Open a session for `client`, signed in as `actor`, and set its cookie on `response`."""
+    session_id = sessions.open_session(services.of(current_app).engine, client, SESSION_SECONDS, actor=actor)
     response.set_cookie(COOKIE, _serializer().dumps({"sid": session_id, "csrf": csrf}), max_age=SESSION_SECONDS,
                         path="/admin", secure=_secure(), httponly=True, samesite="Strict")
 
