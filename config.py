@@ -1,6 +1,7 @@
 """Settings: one frozen object built from the environment (and `.env`); every error names the variable."""
 from __future__ import annotations
 
+import collections
 import os
 import re
 from dataclasses import MISSING, dataclass, field, fields
@@ -10,7 +11,10 @@ from typing import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # ConfigError and the token rules are the names callers know config by; envvars.py reads the values.
-from envvars import MIN_ADMIN_TOKEN, TOKEN_HOWTO, ConfigError, Reader  # noqa: F401
+import envvars
+from envvars import MIN_ADMIN_TOKEN, MIN_SECRET, TOKEN_HOWTO, ConfigError, Reader  # noqa: F401
+
+MIN_MASKED = MIN_SECRET  # shorter values are never masked (and never accepted as secrets): "a" is not a secret
 
 DEFAULT_API_BASE = "https://qyapi.weixin.qq.com/cgi-bin/"
 EMAIL_SOURCE_NAMES = ("wecom", "directory", "pattern")
@@ -66,6 +70,8 @@ class Settings:
     secret_key: str | None = field(default=None, repr=False)  # None: generated once into the state database
     admin_cookie_secure: bool = True
     trusted_proxies: int = 0
+    # Peers whose X-Forwarded-* headers count (forwarded.py); () with TRUSTED_PROXIES set: loopback only.
+    trusted_proxy_networks: tuple = ()
     metrics_token: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     log_format: str = "text"
@@ -82,12 +88,23 @@ class Settings:
         values = [self.contact_secret, self.callback_token, self.callback_aes_key, self.smtp_password,
                   self.admin_token or "", self.secret_key or "", self.metrics_token or "", self.app_secret or "",
                   *_passwords(self.database_url), *_passwords(self.template_database_url)]
-        return [v for v in values if v]
+        return [v for v in values if len(v) >= MIN_MASKED]
 
     @cached_property
     def masked_values(self) -> tuple[str, ...]:
         """secrets(), longest first, computed once: every log line is masked with them."""
         return tuple(sorted(self.secrets(), key=len, reverse=True))
+
+
+# Secrets that exist only at run time (the generated signing key, WeCom access tokens): masked like the
+# configured ones. Bounded: an access token is replaced every two hours, each new one is remembered.
+_RUNTIME_SECRETS: collections.deque = collections.deque(maxlen=32)
+
+
+def remember_secret(value: str | None) -> None:
+    """Mask `value` in every log line of this process from now on (8 characters or more only)."""
+    if value and len(value) >= MIN_MASKED and value not in _RUNTIME_SECRETS:
+        _RUNTIME_SECRETS.append(value)
 
 
 DEFAULTS = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
@@ -107,6 +124,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     r = Reader(env)
     d = DEFAULTS
     database_url = r.url("DATABASE_URL", d["database_url"])
+    admin_token = r.admin_token()
     security = r.choice("SMTP_SECURITY", d["smtp_security"], tuple(SMTP_DEFAULT_PORTS))
     backend = r.choice("MAIL_BACKEND", d["mail_backend"], MAIL_BACKENDS)
     smtp_host = r.text("SMTP_HOST", "") or None
@@ -138,7 +156,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError("WECOM_API_BASE must be an http(s) URL, e.g. " + DEFAULT_API_BASE)
     return Settings(
         corp_id=r.required("WECOM_CORP_ID", "copy 企业ID from 我的企业 > 企业信息"),
-        contact_secret=r.required("WECOM_CONTACT_SECRET", "copy the Secret from 管理工具 > 通讯录同步"),
+        contact_secret=r.required("WECOM_CONTACT_SECRET", "copy the Secret from 管理工具 > 通讯录同步")
+        and r.secret("WECOM_CONTACT_SECRET"),
         callback_token=r.callback_token(),
         callback_aes_key=r.aes_key(),
         department_ids=r.department_ids(),
@@ -148,8 +167,9 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         api_base=api_base if api_base.endswith("/") else api_base + "/",
         wecom_timeout=r.number("WECOM_TIMEOUT_SECONDS", d["wecom_timeout"], 0.1, 600),
         notify_scope=r.choice("NOTIFY_SCOPE", d["notify_scope"], ("department", "corp")),
-        database_url=database_url,
-        template_database_url=r.url("TEMPLATE_DATABASE_URL", database_url),
+        database_url=_password_long_enough("DATABASE_URL", database_url),
+        template_database_url=_password_long_enough("TEMPLATE_DATABASE_URL",
+                                                    r.url("TEMPLATE_DATABASE_URL", database_url)),
         template_table=r.identifier("TEMPLATE_TABLE", d["template_table"]),
         template_app=r.text("TEMPLATE_APP", d["template_app"]),
         mail_backend=backend,
@@ -177,11 +197,12 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         reconcile_seconds=r.number("RECONCILE_SECONDS", d["reconcile_seconds"], 0, 7 * 86400),
         lease_seconds=r.number("LEASE_SECONDS", d["lease_seconds"], 1, 3600),
         worker_in_web=r.bool("WORKER_IN_WEB", d["worker_in_web"]),
-        admin_token=r.admin_token(),
-        secret_key=r.secret("SECRET_KEY") or None,
+        admin_token=admin_token,
+        secret_key=r.secret_key(admin_token),
         admin_cookie_secure=r.bool("ADMIN_COOKIE_SECURE", d["admin_cookie_secure"]),
         trusted_proxies=r.int("TRUSTED_PROXIES", d["trusted_proxies"], 0, 10),
-        metrics_token=r.secret("METRICS_TOKEN") or None,
+        trusted_proxy_networks=r.proxy_networks("TRUSTED_PROXY_NETWORKS"),
+        metrics_token=r.secret("METRICS_TOKEN", envvars.MIN_METRICS_TOKEN, generated=True) or None,
         log_level=r.choice("LOG_LEVEL", d["log_level"], ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
         log_format=r.choice("LOG_FORMAT", d["log_format"], ("text", "json")),
         agent_id=r.agent_id(),
@@ -199,11 +220,20 @@ def _passwords(url: str) -> tuple[str, ...]:
     return match.group(1), unquote(match.group(1))
 
 
+def _password_long_enough(name: str, url: str) -> str:
+    """A database password shorter than 8 characters is refused: masking it would star out common words."""
+    for password in _passwords(url)[:1]:
+        if len(password) < MIN_SECRET:
+            raise ConfigError(f"{name}'s password must be at least {MIN_SECRET} characters (got {len(password)}): "
+                              "give the database user a longer one")
+    return url
+
+
 def mask(text: str, settings: Settings | None) -> str:
     """Replace every secret value that appears in `text` with ***."""
     if settings is None:
         return text
-    for secret in settings.masked_values:
+    for secret in (*settings.masked_values, *_RUNTIME_SECRETS):
         if secret in text:
             text = text.replace(secret, "***")
     return text

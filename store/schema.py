@@ -265,3 +265,8 @@ audit_log = Table(  # append only: nothing in the service updates or deletes a r
     Index("ix_wm_audit_log_at", "at"),
     Index("ix_wm_audit_log_actor", "actor", "at"),
 )
+
+
+# --- Security round three (issue 24): the idle timeout of /admin sessions (migration 0012) ------------------
+# When the session was last used; NULL for a row opened before 0012 (its created_at stands in).
+admin_sessions.append_column(Column("last_seen_at", Double, nullable=True))

@@ -45,7 +45,27 @@ BAD = [
     ("QUIET_HOURS", "25:00-08:00", "QUIET_HOURS must be two times HH:MM-HH:MM"),
     ("QUIET_HOURS", "22:00", "QUIET_HOURS must be two times HH:MM-HH:MM"),
     ("QUIET_HOURS", "08:00-08:00", "QUIET_HOURS starts and ends at the same time"),
+    # Security round three (issue 24), item 7: weak and short secrets.
+    ("SECRET_KEY", "x", "SECRET_KEY must be at least 32 characters (got 1)"),
+    ("SECRET_KEY", "k" * 40, "SECRET_KEY is too easy to guess"),
+    ("METRICS_TOKEN", "a", "METRICS_TOKEN must be at least 16 characters (got 1)"),
+    ("METRICS_TOKEN", "abababababababab", "METRICS_TOKEN is too easy to guess"),
+    ("ADMIN_TOKEN", "passwordpassword" * 3, "ADMIN_TOKEN is too easy to guess"),
+    ("ADMIN_TOKEN", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaabbbbbbbbbb", "ADMIN_TOKEN is too easy to guess"),
+    ("ADMIN_TOKEN", "0123456789abcdef0123456789abcdef", "ADMIN_TOKEN is too easy to guess"),
+    ("SMTP_PASSWORD", "abc", "SMTP_PASSWORD must be at least 8 characters (got 3)"),
+    ("WECOM_APP_SECRET", "short", "WECOM_APP_SECRET must be at least 8 characters (got 5)"),
+    ("WECOM_CALLBACK_TOKEN", "abc", "WECOM_CALLBACK_TOKEN must be at least 8 characters (got 3)"),
+    ("DATABASE_URL", "mysql+pymysql://u:pw@db/x", "DATABASE_URL's password must be at least 8 characters"),
+    ("TRUSTED_PROXY_NETWORKS", "10.0.0.0/99", "TRUSTED_PROXY_NETWORKS has"),
 ]
+
+
+def test_secret_key_must_differ_from_the_admin_token():
+    token = "Vb7Kq2Lm9Rx4Tz8Wn3Pc6Hs1Jd5Gf0Ae"
+    with pytest.raises(config.ConfigError) as info:
+        config.from_env(base_env(ADMIN_TOKEN=token, SECRET_KEY=token))
+    assert "SECRET_KEY must differ from ADMIN_TOKEN" in str(info.value) and token not in str(info.value)
 
 
 def _env(name, value, **extra):
