@@ -11,7 +11,7 @@ from flask import Flask, Response, current_app, request
 from sqlalchemy.exc import DBAPIError
 import config
 import logs
-from forwarded import TrustedProxies
+from ops.forwarded import TrustedProxies
 import services
 import wecom
 from ops import admin, cli, metrics
@@ -39,7 +39,7 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     logs.setup(settings)
     app = Flask(__name__)
     # The client address and scheme as the last TRUSTED_PROXIES proxies report them, and only when the
-    # connection comes from TRUSTED_PROXY_NETWORKS; from anyone else X-Forwarded-* are dropped (forwarded.py).
+    # connection comes from TRUSTED_PROXY_NETWORKS; from anyone else X-Forwarded-* are dropped (ops/forwarded.py).
     app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxies, settings.trusted_proxy_networks)
     parts = services.build(settings)
     app.extensions[services.EXTENSION] = parts

@@ -70,7 +70,7 @@ class Settings:
     secret_key: str | None = field(default=None, repr=False)  # None: generated once into the state database
     admin_cookie_secure: bool = True
     trusted_proxies: int = 0
-    # Peers whose X-Forwarded-* headers count (forwarded.py); () with TRUSTED_PROXIES set: loopback only.
+    # Peers whose X-Forwarded-* headers count (ops/forwarded.py); () with TRUSTED_PROXIES set: loopback only.
     trusted_proxy_networks: tuple = ()
     metrics_token: str | None = field(default=None, repr=False)
     log_level: str = "INFO"

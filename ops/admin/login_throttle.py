@@ -3,7 +3,7 @@
 Every process on one DATABASE_URL shares the counts. A throttled attempt is refused before the token is
 compared (so the right token does not get through from that address either) and is not counted itself,
 which keeps the table small under a flood. The client address is request.remote_addr: behind
-TRUSTED_PROXIES reverse proxies in TRUSTED_PROXY_NETWORKS, the address they report (forwarded.py).
+TRUSTED_PROXIES reverse proxies in TRUSTED_PROXY_NETWORKS, the address they report (ops/forwarded.py).
 
 There is no overall lock: a 32-character token is not guessable by volume, so a cap over all addresses
 protected nothing and let anyone lock the administrator out (issue 24). Failures from all addresses
