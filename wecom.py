@@ -228,7 +228,7 @@ def event_xml(change_type: str, user_id: str, corp_id: str, departments: str = "
     """
     from xml.etree import ElementTree  # here, not at the top: this function is all of wecom.py issue 24 changes
 
-    unsafe = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")  # what XML 1.0 cannot carry at all
+    unsafe = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")  # what XML 1.0 cannot carry
     root = ElementTree.Element("xml")
     fields = [("ToUserName", corp_id), ("FromUserName", "sys"), ("CreateTime", str(create_time or int(time.time()))),
               ("MsgType", "event"), ("Event", "change_contact"), ("ChangeType", change_type), ("UserID", user_id)]

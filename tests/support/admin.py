@@ -22,3 +22,8 @@ def csrf_of(page_text: str) -> str:
     match = re.search(r'name="csrf_token" value="([^"]+)"', page_text)
     assert match, "page has no CSRF token"
     return match.group(1)
+
+
+def session_cookies(response) -> list[str]:
+    """The Set-Cookie headers of `response` for the session cookie (not the login form's CSRF cookie)."""
+    return [c for c in response.headers.getlist("Set-Cookie") if c.split("=", 1)[0].endswith("wecom_mailer_admin")]
