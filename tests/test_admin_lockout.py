@@ -55,7 +55,8 @@ def test_the_overall_count_raises_an_alert_not_a_lock(proxied, caplog):
 @pytest.mark.parametrize("headers", [
     {"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"},
     {"Origin": "https://evil.example"}, {"Origin": "null"},
-    {"Sec-Fetch-Site": "same-origin", "Origin": "http://attacker.example:80"},
+    {"Sec-Fetch-Site": "same-origin", "Origin": "http://attacker.example:80"}, {"Origin": "http://[::1"},
+    {"Origin": "https://localhost.evil.example"},
 ])
 def test_a_cross_site_login_post_is_refused_before_it_is_counted(proxied, headers):
     client = proxied.test_client()
@@ -210,3 +211,10 @@ def test_the_login_form_still_works_end_to_end_with_the_csrf_of_the_session(prox
     assert client.post("/admin/logout", data={"csrf_token": csrf},
                        headers={"Sec-Fetch-Site": "same-origin"}).status_code == 302
     assert client.get("/admin/").status_code == 302
+
+
+def test_an_origin_of_this_host_on_another_port_is_this_site(proxied):
+    """nginx passes `Host: $host` (no port): https://host:8443 must still be this site."""
+    client = proxied.test_client()
+    form = {"token": TOKEN, "login_csrf": login_form_token(client)}
+    assert client.post("/admin/login", data=form, headers={"Origin": "https://localhost:8443"}).status_code == 302

@@ -22,6 +22,7 @@ from ops.admin.blueprint import bp, engine, log, settings
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 MAX_LOGIN_BYTES = 16 * 1024  # a token and a `next`: anything bigger is not a login
 LOGIN_COOKIE = "wecom_mailer_login"  # the login form's CSRF token, before any session exists
+LOGIN_FORM_SECONDS = 3600  # how long a login form may stay open
 CROSS_SITE = "拒绝跨站请求 Refused: a cross-site request (open this page from the service itself and try again)"
 NO_LOGIN_CSRF = ("登录表单已过期 The login form expired or came from elsewhere: reload the login page and try again "
                  "(cookies must be allowed)")
@@ -52,8 +53,13 @@ def cross_site() -> str | None:
         return f"Sec-Fetch-Site: {site[:40]}"
     origin = request.headers.get("Origin")
     if origin is not None:
-        netloc = urlsplit(origin.strip()).netloc.lower() if origin.isascii() else ""
-        if not netloc or netloc != request.host.lower():
+        # Host names, not ports: nginx passes `Host: $host`, which drops a non-default port the Origin keeps.
+        try:
+            named = urlsplit(origin.strip()).hostname if origin.isascii() else None
+        except ValueError:  # e.g. an unclosed IPv6 bracket
+            named = None
+        here = urlsplit("//" + request.host).hostname if request.host.isascii() else None
+        if not named or named != here:
             return f"Origin: {origin[:80]}"
     return None
 
@@ -87,12 +93,9 @@ def _form(status: int = 200, headers: dict | None = None, **page):
     token = _login_csrf()
     response = make_response(render_template("admin/login.html", login_csrf=token, **page), status)
     response.headers.extend(headers or {})
-    response.set_cookie(login_cookie_name(), token, max_age=SESSION_FORM_SECONDS, path="/",
+    response.set_cookie(login_cookie_name(), token, max_age=LOGIN_FORM_SECONDS, path="/",
                         secure=settings().admin_cookie_secure, httponly=True, samesite="Strict")
     return response
-
-
-SESSION_FORM_SECONDS = 3600  # how long a login form may stay open
 
 
 def _client() -> str:
