@@ -9,10 +9,9 @@ from typing import Mapping
 
 from flask import Flask, Response, current_app, request
 from sqlalchemy.exc import DBAPIError
-from werkzeug.middleware.proxy_fix import ProxyFix
-
 import config
 import logs
+from ops.forwarded import TrustedProxies
 import services
 import wecom
 from ops import admin, cli, metrics
@@ -39,11 +38,9 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
         raise SystemExit(4) from None
     logs.setup(settings)
     app = Flask(__name__)
-    if settings.trusted_proxies:
-        # The client address and scheme as the last TRUSTED_PROXIES proxies report them; without
-        # proxies, X-Forwarded-* headers are the client's own words and are ignored.
-        n = settings.trusted_proxies
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=n, x_proto=n, x_host=0, x_port=0, x_prefix=0)
+    # The client address and scheme as the last TRUSTED_PROXIES proxies report them, and only when the
+    # connection comes from TRUSTED_PROXY_NETWORKS; from anyone else X-Forwarded-* are dropped (ops/forwarded.py).
+    app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxies, settings.trusted_proxy_networks)
     parts = services.build(settings)
     app.extensions[services.EXTENSION] = parts
     try:
@@ -136,7 +133,16 @@ def metrics_view():
     return Response(body, mimetype=content_type.split(";")[0], content_type=content_type)
 
 
+READY_CACHE_SECONDS = 1.5  # a flood of probes costs one database round trip per 1.5 s per process
+_READY_KEY = "wecom_mailer_ready"  # app.extensions: (monotonic time of the check, its answer)
+
+
 def readyz():
-    if ready(services.of(current_app).engine):
+    checked = current_app.extensions.get(_READY_KEY)
+    now = time.monotonic()
+    if checked is None or now - checked[0] >= READY_CACHE_SECONDS:
+        checked = (now, ready(services.of(current_app).engine))
+        current_app.extensions[_READY_KEY] = checked
+    if checked[1]:
         return _plain("ready\n")
     return _plain("state database unavailable\n", 503)

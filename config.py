@@ -1,6 +1,7 @@
 """Settings: one frozen object built from the environment (and `.env`); every error names the variable."""
 from __future__ import annotations
 
+import collections
 import os
 import re
 from dataclasses import MISSING, dataclass, field, fields
@@ -10,7 +11,10 @@ from typing import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # ConfigError and the token rules are the names callers know config by; envvars.py reads the values.
-from envvars import MIN_ADMIN_TOKEN, TOKEN_HOWTO, ConfigError, Reader  # noqa: F401
+import envvars
+from envvars import MIN_ADMIN_TOKEN, MIN_SECRET, TOKEN_HOWTO, ConfigError, Reader  # noqa: F401
+
+MIN_MASKED = MIN_SECRET  # shorter values are never masked: "a" is not a secret, and starring it out hides logs
 
 DEFAULT_API_BASE = "https://qyapi.weixin.qq.com/cgi-bin/"
 EMAIL_SOURCE_NAMES = ("wecom", "directory", "pattern")
@@ -67,6 +71,8 @@ class Settings:
     secret_key: str | None = field(default=None, repr=False)  # None: generated once into the state database
     admin_cookie_secure: bool = True
     trusted_proxies: int = 0
+    # Peers whose X-Forwarded-* headers count (ops/forwarded.py); () with TRUSTED_PROXIES set: loopback only.
+    trusted_proxy_networks: tuple = ()
     metrics_token: str | None = field(default=None, repr=False)
     log_level: str = "INFO"
     log_format: str = "text"
@@ -93,12 +99,23 @@ class Settings:
         values = [self.contact_secret, self.callback_token, self.callback_aes_key, self.smtp_password,
                   self.admin_token or "", self.secret_key or "", self.metrics_token or "", self.app_secret or "",
                   *_passwords(self.database_url), *_passwords(self.template_database_url)]
-        return [v for v in values if v]
+        return [v for v in values if len(v) >= MIN_MASKED]
 
     @cached_property
     def masked_values(self) -> tuple[str, ...]:
         """secrets(), longest first, computed once: every log line is masked with them."""
         return tuple(sorted(self.secrets(), key=len, reverse=True))
+
+
+# Secrets that exist only at run time (the generated signing key, WeCom access tokens): masked like the
+# configured ones. Bounded: an access token is replaced every two hours, each new one is remembered.
+_RUNTIME_SECRETS: collections.deque = collections.deque(maxlen=32)
+
+
+def remember_secret(value: str | None) -> None:
+    """Mask `value` in every log line of this process from now on (8 characters or more only)."""
+    if value and len(value) >= MIN_MASKED and value not in _RUNTIME_SECRETS:
+        _RUNTIME_SECRETS.append(value)
 
 
 DEFAULTS = {f.name: f.default for f in fields(Settings) if f.default is not MISSING}
@@ -118,6 +135,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     r = Reader(env)
     d = DEFAULTS
     database_url = r.url("DATABASE_URL", d["database_url"])
+    admin_token = r.admin_token()
     security = r.choice("SMTP_SECURITY", d["smtp_security"], tuple(SMTP_DEFAULT_PORTS))
     backend = r.choice("MAIL_BACKEND", d["mail_backend"], MAIL_BACKENDS)
     smtp_host = r.text("SMTP_HOST", "") or None
@@ -157,7 +175,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
                               "Secret and the service's public https origin (docs/admin.md), or unset ADMIN_USERIDS")
     return Settings(
         corp_id=r.required("WECOM_CORP_ID", "copy 企业ID from 我的企业 > 企业信息"),
-        contact_secret=r.required("WECOM_CONTACT_SECRET", "copy the Secret from 管理工具 > 通讯录同步"),
+        contact_secret=r.required("WECOM_CONTACT_SECRET", "copy the Secret from 管理工具 > 通讯录同步")
+        and r.secret("WECOM_CONTACT_SECRET"),
         callback_token=r.callback_token(),
         callback_aes_key=r.aes_key(),
         department_ids=r.department_ids(),
@@ -196,11 +215,12 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         reconcile_seconds=r.number("RECONCILE_SECONDS", d["reconcile_seconds"], 0, 7 * 86400),
         lease_seconds=r.number("LEASE_SECONDS", d["lease_seconds"], 1, 3600),
         worker_in_web=r.bool("WORKER_IN_WEB", d["worker_in_web"]),
-        admin_token=r.admin_token(),
-        secret_key=r.secret("SECRET_KEY") or None,
+        admin_token=admin_token,
+        secret_key=r.secret_key(admin_token),
         admin_cookie_secure=r.bool("ADMIN_COOKIE_SECURE", d["admin_cookie_secure"]),
         trusted_proxies=r.int("TRUSTED_PROXIES", d["trusted_proxies"], 0, 10),
-        metrics_token=r.secret("METRICS_TOKEN") or None,
+        trusted_proxy_networks=r.proxy_networks("TRUSTED_PROXY_NETWORKS"),
+        metrics_token=r.secret("METRICS_TOKEN", envvars.MIN_METRICS_TOKEN, generated=True) or None,
         log_level=r.choice("LOG_LEVEL", d["log_level"], ("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
         log_format=r.choice("LOG_FORMAT", d["log_format"], ("text", "json")),
         agent_id=agent_id,
@@ -242,7 +262,7 @@ def mask(text: str, settings: Settings | None) -> str:
     """Replace every secret value that appears in `text` with ***."""
     if settings is None:
         return text
-    for secret in settings.masked_values:
+    for secret in (*settings.masked_values, *_RUNTIME_SECRETS):
         if secret in text:
             text = text.replace(secret, "***")
     return text

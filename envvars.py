@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import re
 import ssl
 from pathlib import Path
 from typing import Mapping
 
 MIN_ADMIN_TOKEN = 32
+MIN_SECRET_KEY = 32
+MIN_METRICS_TOKEN = 16
+MIN_SECRET = 8  # shorter values are never masked: masking them would star out common words in every log line
 TOKEN_HOWTO = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
 _NUMBER = re.compile(r"[+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")  # ASCII only: float() also takes '١٢'
 _CLOCK = re.compile(r"([01]?[0-9]|2[0-3]):([0-5][0-9])")
@@ -40,8 +44,19 @@ class Reader:
         value = self.raw(name)
         return default if value in (None, "") else value
 
-    def secret(self, name: str) -> str:
-        return self.raw(name) or ""
+    def secret(self, name: str, minimum: int = 0, generated: bool = False) -> str:
+        """A secret: empty when unset; shorter than `minimum`, or (`generated`) of low entropy, is refused.
+
+        Only the tokens the service's own safety rests on have a minimum (ADMIN_TOKEN, SECRET_KEY, METRICS_TOKEN);
+        a password or secret someone else issued is taken as given, and masked in logs only from 8 characters."""
+        value = self.raw(name) or ""
+        if value and len(value) < minimum:
+            raise ConfigError(f"{name} must be at least {minimum} characters (got {len(value)})"
+                              + (f": generate one with {TOKEN_HOWTO}" if generated else ""))
+        if value and generated and low_entropy(value):
+            raise ConfigError(f"{name} is too easy to guess (few distinct characters, or a repeated block): "
+                              f"generate one with {TOKEN_HOWTO}")
+        return value
 
     def required(self, name: str, how: str) -> str:
         value = self.raw(name)
@@ -136,11 +151,25 @@ class Reader:
         return begin, finish
 
     def admin_token(self) -> str | None:
-        token = self.secret("ADMIN_TOKEN")
-        if token and len(token) < MIN_ADMIN_TOKEN:
-            raise ConfigError(f"ADMIN_TOKEN must be at least {MIN_ADMIN_TOKEN} characters (got {len(token)}): "
-                              f"generate one with {TOKEN_HOWTO}")
-        return token or None
+        return self.secret("ADMIN_TOKEN", MIN_ADMIN_TOKEN, generated=True) or None
+
+    def secret_key(self, admin_token: str | None) -> str | None:
+        key = self.secret("SECRET_KEY", MIN_SECRET_KEY, generated=True)
+        if key and key == admin_token:
+            # One value for both would sign every cookie with the admin token: a stolen cookie becomes an oracle.
+            raise ConfigError(f"SECRET_KEY must differ from ADMIN_TOKEN: generate another with {TOKEN_HOWTO}")
+        return key or None
+
+    def proxy_networks(self, name: str) -> tuple:
+        """Comma-separated CIDRs (10.0.0.0/8,fd00::/8) as ip_network objects; unset: ()."""
+        networks = []
+        for part in self.csv(name, ""):
+            try:
+                networks.append(ipaddress.ip_network(part, strict=False))
+            except ValueError:
+                raise ConfigError(f"{name} has {part!r}, which is not a network: use CIDRs such as "
+                                  "10.0.0.0/8,fd00::/8 (the addresses your reverse proxies connect from)") from None
+        return tuple(networks)
 
     def agent_id(self) -> int | None:
         value = self.raw("WECOM_AGENT_ID")
@@ -223,3 +252,15 @@ class Reader:
                                   f"(got {part!r})")
             ids.append(int(part))
         return tuple(dict.fromkeys(ids))
+
+
+def low_entropy(token: str) -> bool:
+    """Few distinct characters, or one block repeated (passwordpassword…): a guesser tries those first."""
+    if len(set(token)) < min(8, len(token) // 3 + 1):
+        return True
+    for period in range(1, len(token) // 2 + 1):
+        if all(token[i] == token[i + period] for i in range(len(token) - period)):
+            return True
+    # Half of it one character or one short run repeated: aaaa…aaabbbb, 0123…0123 with a different tail.
+    counts = sorted((token.count(c) for c in set(token)), reverse=True)
+    return counts[0] * 2 >= len(token)

@@ -46,10 +46,16 @@ def on_starting(server):
 
     config.load_dotenv_file()
     try:
-        config.from_env()
+        settings = config.from_env()
     except config.ConfigError as exc:
         print(f"wecom-mailer: configuration error: {exc}", file=sys.stderr)
         sys.exit(1)
+    # Not only in `flask check`: gunicorn reachable directly gives each slow client a thread (issue 24).
+    from ops.exposure import bind_warning  # light: imports nothing of the service
+
+    warning = bind_warning(settings)
+    if warning:
+        print(f"wecom-mailer: warning: {warning}", file=sys.stderr)
     multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if multiproc_dir:
         import glob

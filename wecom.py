@@ -220,16 +220,22 @@ def parse_event(xml: str) -> ContactChange:
 
 def event_xml(change_type: str, user_id: str, corp_id: str, departments: str = "",
               create_time: int | None = None, name: str = "") -> str:
-    """A contact-change event as WeCom sends it (for `simulate`, the demo and tests)."""
-    parts = [f"<ToUserName><![CDATA[{corp_id}]]></ToUserName>",
-             "<FromUserName><![CDATA[sys]]></FromUserName>",
-             f"<CreateTime>{create_time or int(time.time())}</CreateTime>",
-             "<MsgType><![CDATA[event]]></MsgType>",
-             "<Event><![CDATA[change_contact]]></Event>",
-             f"<ChangeType><![CDATA[{change_type}]]></ChangeType>",
-             f"<UserID><![CDATA[{user_id}]]></UserID>"]
+    """A contact-change event as WeCom sends it (for `simulate`, the demo, reconciliation and tests).
+
+    Written by an XML writer, never by pasting values into CDATA: a name holding `]]>`, `<` or `&` stays
+    that name (issue 24: a member called `]]>` made reconciliation's event unparseable). Characters XML 1.0
+    cannot carry at all (most C0 controls) become U+FFFD, so the event always parses.
+    """
+    from xml.etree import ElementTree  # here, not at the top: this function is all of wecom.py issue 24 changes
+
+    unsafe = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")  # what XML 1.0 cannot carry
+    root = ElementTree.Element("xml")
+    fields = [("ToUserName", corp_id), ("FromUserName", "sys"), ("CreateTime", str(create_time or int(time.time()))),
+              ("MsgType", "event"), ("Event", "change_contact"), ("ChangeType", change_type), ("UserID", user_id)]
     if name:
-        parts.append(f"<Name><![CDATA[{name}]]></Name>")
+        fields.append(("Name", name))
     if departments and change_type != "delete_user":
-        parts.append(f"<Department><![CDATA[{departments}]]></Department>")
-    return "<xml>" + "".join(parts) + "</xml>"
+        fields.append(("Department", departments))
+    for tag, value in fields:
+        ElementTree.SubElement(root, tag).text = unsafe.sub("\ufffd", str(value))
+    return ElementTree.tostring(root, encoding="unicode")

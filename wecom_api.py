@@ -9,6 +9,9 @@ import requests
 from wechatpy.enterprise import WeChatClient
 from wechatpy.exceptions import WeChatClientException
 
+import config
+from store import tokens
+
 
 @dataclass(frozen=True)
 class Member:
@@ -198,8 +201,11 @@ class WeComClient:
     def _token(self, rejected: str | None = None) -> str:
         """The shared token unless it expires within a minute or was just rejected; else a fresh one."""
         stored = self.token_store.get(self._key)
-        if stored and stored[0] != rejected and stored[1] - 60 > time.time():
-            return stored[0]
+        # Stored sealed (store/tokens.py); a row that does not open (clear, another secret's) is refetched.
+        token = tokens.unseal(stored[0], self._secret, self._key) if stored else None
+        if token and token != rejected and stored[1] - 60 > time.time():
+            config.remember_secret(token)
+            return token
         return self._fetch_token()  # another process may have refreshed it already: then `stored` differs
 
     def _fetch_token(self) -> str:
@@ -207,7 +213,9 @@ class WeComClient:
         token = result.get("access_token")
         if not token:
             raise WeComError(f"WeCom gettoken at {self.api_base} answered without an access_token; will retry")
-        self.token_store.put(self._key, token, time.time() + int(result.get("expires_in") or 7200))
+        config.remember_secret(token)  # masked in every log line of this process from now on
+        self.token_store.put(self._key, tokens.seal(token, self._secret, self._key),
+                             time.time() + int(result.get("expires_in") or 7200))
         return token
 
     def _attempt(self, api: str, send, token: str | None = None) -> dict:

@@ -1,7 +1,6 @@
 """`flask check`: try every dependency with the current configuration; one line each, with the fix."""
 from __future__ import annotations
 
-import ipaddress
 import os
 import time
 from urllib.parse import urlsplit
@@ -16,6 +15,7 @@ import templates_repo
 import wecom_api
 from delivery.limits import day_of, next_day_start
 from ops import bounce_checks, message_checks, report
+from ops.exposure import bind_warning, loopback  # shared with gunicorn.conf.py (start-up warning)
 from store import addressbook, limits
 from store.db import StateUnavailable, safe_url
 from store.migrate import upgrade
@@ -169,38 +169,17 @@ def config_warnings(settings, environ=None) -> list[str]:
     environ = os.environ if environ is None else environ
     found = []
     api = urlsplit(settings.api_base)
-    if api.scheme == "http" and not _loopback(api.hostname):
+    if api.scheme == "http" and not loopback(api.hostname):
         found.append(f"WECOM_API_BASE={settings.api_base} is plain HTTP: the corp secret travels in clear in the "
                      "gettoken URL — use https://")
     if (settings.mail_backend == "smtp" and settings.smtp_security == "none" and settings.smtp_user
-            and not _loopback(settings.smtp_host)):
+            and not loopback(settings.smtp_host)):
         found.append(f"SMTP_SECURITY=none with SMTP_USER set: the SMTP password goes to {settings.smtp_host} in "
                      "clear — use SMTP_SECURITY=ssl or starttls")
     if settings.admin_token and not settings.admin_cookie_secure:
         found.append("ADMIN_COOKIE_SECURE=false with ADMIN_TOKEN set: the admin session cookie may travel over "
                      "plain HTTP — put HTTPS in front of /admin and leave it true (false is for use on 127.0.0.1 only)")
-    bind = environ.get("BIND") or "127.0.0.1:" + environ.get("PORT", "8000")  # as gunicorn.conf.py reads it
-    if _public(bind) and not settings.trusted_proxies and not environ.get("FORWARDED_ALLOW_IPS"):
-        found.append(f"BIND={bind} listens on a public address with no proxy declared (TRUSTED_PROXIES=0, "
-                     "FORWARDED_ALLOW_IPS unset): run gunicorn behind a buffering reverse proxy such as nginx "
-                     "(deploy/nginx.conf), since a few slow clients tie up all its threads, and set TRUSTED_PROXIES=1")
+    bind_line = bind_warning(settings, environ)
+    if bind_line:
+        found.append(bind_line)
     return [config.mask(line, settings) for line in found]
-
-
-def _loopback(host: str | None) -> bool:
-    if not host:
-        return False
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
-
-
-def _public(bind: str) -> bool:
-    """Whether a gunicorn bind (host:port, [v6]:port, unix:path, fd://n) takes connections from other hosts."""
-    if bind.startswith(("unix:", "fd://")):
-        return False
-    host = bind.rpartition(":")[0] if ":" in bind and not bind.endswith("]") else bind
-    return not _loopback(host or "0.0.0.0")

@@ -1,4 +1,10 @@
-"""`flask --app app …` commands: init-db, worker, simulate, check, status, retry, import-addresses, audit."""
+"""`flask --app app …` commands: init-db, worker, simulate, check, status, retry, import-addresses, audit,
+admin-unlock, rotate-secret (and bounces, suppressions: ops/bounce_cli.py).
+
+What `check` and `status` print comes from the state database and from peers (SMTP replies, WeCom's errmsg,
+userids): every line goes through logs.escape_controls, so an OSC title change, a clear-screen or a forged
+second line is printed as visible text (\x1b, \n) and never acted on by the terminal.
+"""
 from __future__ import annotations
 
 import logging
@@ -17,12 +23,14 @@ import wecom
 from logs import escape_controls
 from ops import bounce_cli, checks, report
 from store import addressbook, audit, outbox
+from store import sessions as session_store
 from store.migrate import upgrade
 
 
 def init_app(app) -> None:
     """Register the commands on the app's CLI (`demo` comes from devtools/, outside the service)."""
-    for command in (init_db, worker_command, simulate, check, status, retry, import_addresses, audit_command):
+    for command in (init_db, worker_command, simulate, check, status, retry, import_addresses, audit_command,
+                    admin_unlock, rotate_secret):
         app.cli.add_command(command)
     bounce_cli.init_app(app)  # bounces, suppressions
 
@@ -123,9 +131,9 @@ def check() -> None:
     """Try every dependency with the current configuration and print one line each."""
     results = checks.run_all(_services())
     for ok, line in results:
-        click.echo(("✓ " if ok else "✗ ") + line)
+        click.echo(("✓ " if ok else "✗ ") + escape_controls(line))
     for line in checks.config_warnings(_services().settings):  # works, but exposes something: not a failure
-        click.echo("⚠ " + line)
+        click.echo("⚠ " + escape_controls(line))
     if not all(ok for ok, _ in results):
         sys.exit(1)
 
@@ -138,7 +146,7 @@ def status(event_id: int | None, limit: int) -> None:
     """Recent events with delivery counts; failures with their reasons."""
     parts = _services()
     for line in report.status_lines(parts.engine, parts.settings.tz, event_id=event_id, limit=limit):
-        click.echo(line)
+        click.echo(escape_controls(line))
 
 
 @click.command("retry")
@@ -208,3 +216,29 @@ def audit_command(since: str | None, limit: int) -> None:
         click.echo("  ".join(escape_controls(str(f)) for f in fields).rstrip())
     if not rows:
         click.echo("No audit entries" + (f" since {since}." if since else "."))
+
+
+@click.command("admin-unlock")
+@click.option("--client", default=None, help="Clear one address only (as the logs name it), not every address.")
+@with_appcontext
+def admin_unlock(client: str | None) -> None:
+    """Clear the failed-login counters of /admin (every address, or one), so a throttled address may try again."""
+    engine = _services().engine
+    cleared = session_store.clear_login_failures(engine, client)
+    _audit("admin-unlock", client or "every address", f"{cleared} failed login(s) cleared")
+    click.echo(f"{cleared} failed login(s) cleared ({escape_controls(client) if client else 'every address'}).")
+
+
+@click.command("rotate-secret")
+@with_appcontext
+def rotate_secret() -> None:
+    """Replace the generated key that signs /admin sessions: every session ends, every process re-reads it."""
+    parts = _services()
+    if parts.settings.secret_key:
+        raise click.ClickException("SECRET_KEY is set, so the generated key is not in use: change SECRET_KEY "
+                                   "(or the file SECRET_KEY_FILE names) and restart the service instead")
+    session_store.rotate_shared_secret(parts.engine)
+    ended = session_store.end_all_sessions(parts.engine)
+    _audit("rotate-secret", session_store.SIGNING_SECRET, f"{ended} session(s) ended")
+    click.echo(f"New session signing key stored; {ended} session(s) ended. Running processes pick it up "
+               "at the next cookie signed with it.")

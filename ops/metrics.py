@@ -36,7 +36,8 @@ SENT_TODAY = Gauge("wecom_mailer_smtp_sent_today",
 THROTTLE_PAUSES = Counter("wecom_mailer_smtp_throttle_pauses_total",
                           "Sending rounds stopped because the SMTP server kept refusing (throttling)")
 ADMIN_LOGIN_FAILURES = Counter("wecom_mailer_admin_login_failures_total",
-                               "Refused /admin logins, by reason (wrong_token, throttled)", ["reason"])
+                               "Refused /admin logins and POSTs, by reason (wrong_token, throttled; refused and "
+                               "cross_site: refused before the token is counted)", ["reason"])
 WECOM_CALLS = Counter("wecom_mailer_wecom_api_calls_total", "WeCom API calls by API and errcode",
                       ["api", "errcode"])
 RECONCILE_ROUNDS = Counter("wecom_mailer_reconcile_rounds_total",

@@ -375,3 +375,8 @@ template_versions = Table(  # every title/body saved through /admin/templates: w
     Index("ix_wm_template_versions_type", "app", "change_type", "id"),
     Index("ix_wm_template_versions_digest", "app", "change_type", "digest"),
 )
+
+
+# --- Security round three (issue 24): the idle timeout of /admin sessions (migration 0012) ------------------
+# When the session was last used; NULL for a row opened before 0012 (its created_at stands in).
+admin_sessions.append_column(Column("last_seen_at", Double, nullable=True))

@@ -1,4 +1,8 @@
-"""/admin state shared by every process: the generated signing secret, live sessions, failed logins."""
+"""/admin state shared by every process: the generated signing secret, live sessions, failed logins.
+
+A session row holds only a sha256 of its id, its client, when it was opened, when it expires (the absolute
+lifetime) and when it was last used (the idle timeout); a reader of the table cannot take over a session.
+"""
 from __future__ import annotations
 
 import hashlib
@@ -27,6 +31,16 @@ def shared_secret(engine: Engine, name: str = SIGNING_SECRET) -> str:
     return with_retries(get_or_create)
 
 
+def rotate_shared_secret(engine: Engine, name: str = SIGNING_SECRET) -> None:
+    """Replace the secret called `name` with a new random one (`flask --app app rotate-secret`)."""
+    def replace():
+        with engine.begin() as conn:
+            conn.execute(service_secrets.delete().where(service_secrets.c.name == name))
+            conn.execute(service_secrets.insert(), {"name": name, "value": secrets.token_urlsafe(48),
+                                                    "created_at": time.time()})
+    with_retries(replace)
+
+
 def _digest(session_id: str) -> str:
     return hashlib.sha256(session_id.encode("utf-8")).hexdigest()
 
@@ -51,12 +65,23 @@ def session_actor(engine: Engine, session_id: str) -> str | None:
     return row.actor if row is not None and row.expires_at > time.time() else None
 
 
-def session_alive(engine: Engine, session_id: str) -> bool:
-    """True while the session exists (not logged out, not ended everywhere) and has not expired."""
-    with engine.connect() as conn:
-        expires_at = conn.execute(sa.select(admin_sessions.c.expires_at)
-                                  .where(admin_sessions.c.digest == _digest(session_id))).scalar()
-    return expires_at is not None and expires_at > time.time()
+def session_alive(engine: Engine, session_id: str, idle_seconds: float | None = None) -> bool:
+    """True while the session exists (not logged out, not ended everywhere), has not expired and (with
+    `idle_seconds`) was used within that time; a live session is marked used now."""
+    now = time.time()
+    where = [admin_sessions.c.digest == _digest(session_id), admin_sessions.c.expires_at > now]
+    if idle_seconds is not None:
+        # A row of the previous release has no last_seen_at: its opening time stands in.
+        last_seen = sa.func.coalesce(admin_sessions.c.last_seen_at, admin_sessions.c.created_at)
+        where.append(last_seen >= now - idle_seconds)
+    with engine.begin() as conn:
+        return conn.execute(admin_sessions.update().where(*where).values(last_seen_at=now)).rowcount == 1
+
+
+def end_sessions_of(engine: Engine, actor: str) -> int:
+    """End every session `actor` holds (a new sign-in ends the earlier ones); returns how many ended."""
+    with engine.begin() as conn:
+        return conn.execute(admin_sessions.delete().where(admin_sessions.c.actor == actor)).rowcount
 
 
 def end_session(engine: Engine, session_id: str) -> None:
@@ -93,3 +118,12 @@ def forget_login_failures(engine: Engine, client: str) -> None:
     """A right token from `client`: its earlier failures no longer count against it."""
     with engine.begin() as conn:
         conn.execute(login_failures.delete().where(login_failures.c.client == client[:64]))
+
+
+def clear_login_failures(engine: Engine, client: str | None = None) -> int:
+    """`admin-unlock`: forget the failures of `client`, or of every address; returns how many were cleared."""
+    query = login_failures.delete()
+    if client is not None:
+        query = query.where(login_failures.c.client == client[:64])
+    with engine.begin() as conn:
+        return conn.execute(query).rowcount

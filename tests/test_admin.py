@@ -11,6 +11,7 @@ import services
 from store import schema
 import templates_repo
 import wecom
+from support.admin import post_login, session_cookies
 from support import DEPARTMENT, TEST_CORP_ID, event_rows, rows, signed_post
 
 TOKEN = "admin-token-for-tests-0123456789abcdef"
@@ -30,7 +31,7 @@ def admin_app(make_app):
 
 def log_in(client) -> str:
     """Log in with the right token; return the CSRF token of the new session."""
-    response = client.post("/admin/login", data={"token": TOKEN})
+    response = post_login(client, TOKEN)
     assert response.status_code == 302
     return csrf_of(client.get("/admin/"))
 
@@ -82,20 +83,21 @@ def test_pages_redirect_to_login_without_the_cookie(admin_app, path):
 def test_wrong_token_is_refused_and_sets_no_cookie(admin_app):
     client = admin_app.test_client()
     for token in ("wrong", "", TOKEN[:-1], TOKEN + "x", "令牌"):
-        response = client.post("/admin/login", data={"token": token})
+        response = post_login(client, token)
         assert response.status_code == 403
         assert "令牌不正确 Wrong token" in response.get_data(as_text=True)
-        assert not response.headers.getlist("Set-Cookie")
+        assert not session_cookies(response)
     assert client.get("/admin/").status_code == 302
 
 
 def test_login_sets_a_signed_httponly_samesite_strict_secure_cookie(admin_app):
     client = admin_app.test_client()
-    response = client.post("/admin/login", data={"token": TOKEN, "next": "/admin/templates"})
+    response = post_login(client, TOKEN, data={"next": "/admin/templates"})
     assert response.status_code == 302 and response.headers["Location"] == "/admin/templates"
-    [cookie] = response.headers.getlist("Set-Cookie")
+    [cookie] = session_cookies(response)
     attributes = [part.strip() for part in cookie.split(";")]
-    assert "HttpOnly" in attributes and "SameSite=Strict" in attributes and "Path=/admin" in attributes
+    # Path=/: a __Host- cookie must cover the whole host (issue 24), so no other host of the domain shadows it.
+    assert "HttpOnly" in attributes and "SameSite=Strict" in attributes and "Path=/" in attributes
     assert "Max-Age=43200" in attributes
     assert "Secure" in attributes  # by default, whatever a proxy says or does not say
     assert TOKEN not in cookie
@@ -104,8 +106,8 @@ def test_login_sets_a_signed_httponly_samesite_strict_secure_cookie(admin_app):
 
 def test_admin_cookie_secure_false_is_for_plain_http_on_this_machine(make_app):
     client = make_app(ADMIN_TOKEN=TOKEN, ADMIN_COOKIE_SECURE="false").test_client()
-    response = client.post("/admin/login", data={"token": TOKEN})
-    assert "Secure" not in [part.strip() for part in response.headers["Set-Cookie"].split(";")]
+    response = post_login(client, TOKEN)
+    assert "Secure" not in [part.strip() for part in session_cookies(response)[0].split(";")]
     assert client.get("/admin/").status_code == 200
 
 
@@ -114,19 +116,18 @@ def test_forged_or_expired_cookie_is_not_a_session(admin_app, monkeypatch):
 
     client = admin_app.test_client()
     log_in(client)
-    good = client.get_cookie(sessions.COOKIE, path="/admin").value
-    client.set_cookie(sessions.COOKIE, good[:-2] + ("AA" if not good.endswith("AA") else "BB"), path="/admin")
+    good = client.get_cookie(sessions.cookie_name(secure=True), path="/").value
+    client.set_cookie(sessions.cookie_name(secure=True), good[:-2] + ("AA" if not good.endswith("AA") else "BB"), path="/")
     assert client.get("/admin/").status_code == 302
-    client.set_cookie(sessions.COOKIE, good, path="/admin")
+    client.set_cookie(sessions.cookie_name(secure=True), good, path="/")
     assert client.get("/admin/").status_code == 200
     monkeypatch.setattr(sessions, "SESSION_SECONDS", -1)  # every signature is now too old
     assert client.get("/admin/").status_code == 302
 
 
 def test_login_never_redirects_off_site(admin_app):
-    client = admin_app.test_client()
     for target in ("https://evil.example/", "//evil.example/admin/", "/healthz", "/admin\\..\\x"):
-        response = client.post("/admin/login", data={"token": TOKEN, "next": target})
+        response = post_login(admin_app.test_client(), TOKEN, data={"next": target})
         assert response.headers["Location"] == "/admin/"
 
 

@@ -65,7 +65,23 @@ BAD = [
     ("PUBLIC_URL", "notify.corp.example", "PUBLIC_URL must be the service's https origin"),
     ("WECOM_QR_LOGIN_URL", "login.work.weixin.qq.com", "WECOM_QR_LOGIN_URL must be an http(s) URL"),
     ("WECOM_OAUTH_URL", "https://open.weixin.qq.com/x?a=1", "WECOM_OAUTH_URL must be an http(s) URL"),
+    # Security round three (issue 24), item 7: weak and short secrets.
+    ("SECRET_KEY", "x", "SECRET_KEY must be at least 32 characters (got 1)"),
+    ("SECRET_KEY", "k" * 40, "SECRET_KEY is too easy to guess"),
+    ("METRICS_TOKEN", "a", "METRICS_TOKEN must be at least 16 characters (got 1)"),
+    ("METRICS_TOKEN", "abababababababab", "METRICS_TOKEN is too easy to guess"),
+    ("ADMIN_TOKEN", "passwordpassword" * 3, "ADMIN_TOKEN is too easy to guess"),
+    ("ADMIN_TOKEN", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaabbbbbbbbbb", "ADMIN_TOKEN is too easy to guess"),
+    ("ADMIN_TOKEN", "0123456789abcdef0123456789abcdef", "ADMIN_TOKEN is too easy to guess"),
+    ("TRUSTED_PROXY_NETWORKS", "10.0.0.0/99", "TRUSTED_PROXY_NETWORKS has"),
 ]
+
+
+def test_secret_key_must_differ_from_the_admin_token():
+    token = "Vb7Kq2Lm9Rx4Tz8Wn3Pc6Hs1Jd5Gf0Ae"
+    with pytest.raises(config.ConfigError) as info:
+        config.from_env(base_env(ADMIN_TOKEN=token, SECRET_KEY=token))
+    assert "SECRET_KEY must differ from ADMIN_TOKEN" in str(info.value) and token not in str(info.value)
 
 
 def _env(name, value, **extra):
@@ -208,3 +224,11 @@ def test_wecom_message_needs_the_apps_secret_too_and_is_off_by_default():
     on = config.from_env(base_env(WECOM_MESSAGE="Fallback", WECOM_AGENT_ID="1000002",
                                   WECOM_APP_SECRET="app-secret-placeholder", WECOM_MESSAGE_MAX_PER_DAY="500"))
     assert (on.wecom_message, on.wecom_message_max_per_day, on.agent_id) == ("fallback", 500, 1000002)
+
+
+def test_a_short_secret_someone_else_issued_is_accepted_and_never_masked():
+    """SMTP passwords, WeCom tokens and database passwords are not ours to choose: a short one starts, and is not
+    masked (starring out "abc" would hide every word that contains it)."""
+    settings = config.from_env(base_env(SMTP_PASSWORD="abc", WECOM_CALLBACK_TOKEN="tok"))
+    assert (settings.smtp_password, settings.callback_token) == ("abc", "tok")
+    assert config.mask("abcdef token", settings) == "abcdef token"

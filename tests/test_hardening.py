@@ -187,3 +187,30 @@ def test_envelopes_that_are_not_one_plain_encrypt_element_are_refused(body, reas
     with pytest.raises(wecom.CallbackRejected) as info:
         crypto.open_envelope(body, "0" * 40, "1700000000", "1")
     assert reason in info.value.reason and info.value.status == 400
+
+
+# --- issue 24: forwarded headers and names from outside ------------------------------------------------------
+
+FORWARDED_VALUES = ["", "unknown", "999.1.1.1", "::::", "1.2.3.4, " * 500, "\x00", "203.0.113.9:443", "[::1]",
+                    "2001:db8::1%eth0", "🙂", "a" * 5000, "127.0.0.1, 127.0.0.1, 127.0.0.1"]
+
+
+@pytest.mark.parametrize("peer", ["127.0.0.1", "10.0.0.2", "198.51.100.7", "::1", "fd00::2", "not-an-address"])
+def test_hostile_forwarded_headers_from_any_peer_never_get_a_5xx(make_app, peer):
+    app = make_app(TRUSTED_PROXIES="2", TRUSTED_PROXY_NETWORKS="10.0.0.0/8,fd00::/8,127.0.0.0/8",
+                   ADMIN_TOKEN="hardening-admin-token-Wm3Kq8Rv2Lx7")
+    client = app.test_client()
+    for value in FORWARDED_VALUES:
+        for header in ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host", "Forwarded"):
+            for path in ("/healthz", "/readyz", "/admin/login", "/wecom/callback"):
+                response = client.get(path, headers={header: value}, environ_base={"REMOTE_ADDR": peer})
+                assert response.status_code < 500, (peer, header, value[:40], path)
+
+
+@pytest.mark.parametrize("name", ["]]>", "]]]]><![CDATA[", "<!DOCTYPE x>", "&lt;", "\x00\x1b\x7f", "\ud800",
+                                  "名字" * 200, "\u2028\u2029", "</xml><xml>"])
+def test_any_member_name_gives_a_parseable_event(name):
+    import wecom
+
+    change = wecom.parse_event(wecom.event_xml("create_user", "u1", TEST_CORP_ID, "2", 1700000000, name))
+    assert (change.change_type, change.user_id, change.departments) == ("create_user", "u1", (2,))

@@ -169,10 +169,10 @@ def test_pipelining_over_tls_with_login(ca, security, tmp_path):
         else {"tls_context": server_tls}
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    with SmtpSink(pipelining=True, auth={"mailer@corp.example": "code"}, **options) as server, \
+    with SmtpSink(pipelining=True, auth={"mailer@corp.example": "auth-code-1234"}, **options) as server, \
             LatencyProxy(("127.0.0.1", server.port)) as proxy:
         settings = smtp_settings(proxy.port, SMTP_SECURITY=security, SMTP_USER="mailer@corp.example",
-                                 SMTP_PASSWORD="code", MAIL_FROM="", SMTP_CA_FILE=str(ca_file))
+                                 SMTP_PASSWORD="auth-code-1234", MAIL_FROM="", SMTP_CA_FILE=str(ca_file))
         results, halt = send(settings, members(10))
 
     assert halt is None and [r.ok for _, r in results] == [True] * 10

@@ -207,10 +207,10 @@ def test_ten_events_together_log_in_once(service_env, make_app, ca, tmp_path, cr
     ca.issue_cert("127.0.0.1").configure_cert(server_tls)
     ca_file = tmp_path / "ca.pem"
     ca.cert_pem.write_to_path(str(ca_file))
-    with SmtpSink(starttls_context=server_tls, require_starttls=True, auth={"it@corp.example": "code"},
+    with SmtpSink(starttls_context=server_tls, require_starttls=True, auth={"it@corp.example": "auth-code-1234"},
                   pipelining=True) as sink:
         env = dict(service_env, SMTP_PORT=str(sink.port), SMTP_SECURITY="starttls", SMTP_USER="it@corp.example",
-                   SMTP_PASSWORD="code", SMTP_CA_FILE=str(ca_file))
+                   SMTP_PASSWORD="auth-code-1234", SMTP_CA_FILE=str(ca_file))
         app = make_app(**env)
         parts = services.of(app)
         templates_repo.seed_templates(parts.template_engine, parts.settings.template_table,

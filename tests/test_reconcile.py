@@ -27,6 +27,7 @@ from prometheus_client import REGISTRY
 
 from ops import checks, report
 from store import membership, schema
+from support.admin import post_login
 from support import DEPARTMENT, TEST_CORP_ID, TEST_ADMIN_TOKEN, event_rows, rows, signed_post, wait_until
 
 INTERVAL = 2.0
@@ -480,7 +481,7 @@ def test_status_check_metrics_and_admin_show_what_reconciliation_found(service, 
     assert not ok and "last round failed: department 2: listing failed" in line and "45009" in line
 
     admin = app_module.create_app(dict(service_env, ADMIN_TOKEN=TEST_ADMIN_TOKEN)).test_client()
-    assert admin.post("/admin/login", data={"token": TEST_ADMIN_TOKEN}).status_code == 302
+    assert post_login(admin, TEST_ADMIN_TOKEN).status_code == 302
     page = admin.get("/admin/").get_data(as_text=True)
     [row] = [r for r in re.findall(r'<tr id="event-\d+">.*?</tr>', page, re.S) if "对账 reconcile" in r]
     assert "wangwu" in row and "create_user" in row

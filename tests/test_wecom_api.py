@@ -228,7 +228,8 @@ def test_secret_and_access_token_never_appear_in_error_messages(wecom_api):
     store = MemoryTokenStore()
     client = make_client(wecom_api, store)
     client.check_token()
-    (token, _), = store.tokens.values()
+    (sealed, _), = store.tokens.values()
+    token = tokens.unseal(sealed, TEST_SECRET, token_key(TEST_CORP_ID, TEST_SECRET))  # stored sealed (issue 24)
     echo = {"errcode": 99999, "errmsg": f"echo corpsecret={TEST_SECRET} access_token={token}"}
     failures = [(("forever", echo), 5.0), (("http", 500), 5.0), (("sleep", 5), 0.2),
                 (("forever", {"errcode": 40014, "errmsg": f"invalid access_token {token}"}), 5.0)]

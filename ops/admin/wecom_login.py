@@ -40,7 +40,7 @@ def _enabled():
 @bp.before_request
 def hand_over_after_sign_in():
     """Right after a WeCom sign-in, a page that got no session cookie re-loads itself once, same-site."""
-    if (request.method != "GET" or not request.cookies.get(JUST_SIGNED_IN) or request.cookies.get(sessions.COOKIE)
+    if (request.method != "GET" or not request.cookies.get(JUST_SIGNED_IN) or request.cookies.get(sessions.cookie_name())
             or request.endpoint in ("admin.wecom_login", "admin.wecom_callback")):
         return None
     response = make_response(render_template("admin/reload.html", target=request.full_path.rstrip("?")))
@@ -108,7 +108,7 @@ def wecom_callback():
     if g.admin_session is not None:  # a fresh session: the id this browser had before stops working
         session_store.end_session(engine(), g.admin_session.session_id)
     response = redirect(url_for("admin.events"))
-    sessions.start(response, trail.client(), csrf=secrets.token_urlsafe(32), actor=actor)
+    sessions.start_session(response, trail.client(), csrf=secrets.token_urlsafe(32), actor=actor)
     response.delete_cookie(VISITOR_COOKIE, **_cookie_args("/admin/login/wecom"))
     response.set_cookie(JUST_SIGNED_IN, "1", max_age=60, **_cookie_args("/admin"))
     trail.record("sign-in", detail="WeCom", actor=actor)

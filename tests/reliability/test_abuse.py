@@ -282,3 +282,16 @@ def _python(env, *args):
         args = ("-c", *args)
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
                           timeout=60)
+
+
+@FUZZ
+@given(name=st.text(max_size=300), userid=st.text(alphabet=string.ascii_letters + string.digits + "]>&<_-.@",
+                                                  min_size=1, max_size=64))
+def test_any_name_and_userid_round_trip_through_reconciliations_event_xml(name, userid):
+    """Issue 24: the synthetic event is written by an XML writer; whatever a WeCom name holds, it parses, adds no
+    field, and keeps the name (characters XML cannot carry become U+FFFD)."""
+    change = wecom.parse_event(wecom.event_xml("create_user", userid, TEST_CORP_ID, "2", 1700000000, name))
+    assert change.user_id == userid.strip() and change.departments == (2,)
+    assert set(change.fields) <= {"userid", "name", "department"}
+    if name.strip() and name.isprintable():
+        assert change.fields["name"] == name.strip()

@@ -21,7 +21,8 @@ def nginx_binary() -> str | None:
 class Nginx:
     """deploy/nginx.conf served on 127.0.0.1 (http_port, https_port), proxying to 127.0.0.1:`upstream_port`."""
 
-    def __init__(self, directory: Path, upstream_port: int, cert_file: Path, key_file: Path):
+    def __init__(self, directory: Path, upstream_port: int, cert_file: Path, key_file: Path, admin_allow: str = ""):
+        """`admin_allow`: the lines of the /admin allow-list (deploy/admin-allow.conf), e.g. `127.0.0.1/32 1;`."""
         self.directory = directory
         self.http_port, self.https_port = free_port(), free_port()
         site = SITE.read_text(encoding="utf-8")
@@ -29,7 +30,9 @@ class Nginx:
                         (r"listen 80;", f"listen 127.0.0.1:{self.http_port};"),
                         (r"listen 443 ssl;", f"listen 127.0.0.1:{self.https_port} ssl;"),
                         (r"/etc/nginx/tls/fullchain.pem", str(cert_file)),
-                        (r"/etc/nginx/tls/privkey.pem", str(key_file))]
+                        (r"/etc/nginx/tls/privkey.pem", str(key_file)),
+                        (r"/etc/nginx/wecom-mailer/admin-allow.conf", str(directory / "admin-allow.conf"))]
+        (directory / "admin-allow.conf").write_text(admin_allow + "\n")
         for old, new in replacements:
             assert old in site, f"deploy/nginx.conf no longer has {old!r}: update tests/support/nginx.py"
             site = site.replace(old, new)
