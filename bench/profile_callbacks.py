@@ -1,5 +1,6 @@
-"""Where a callback's CPU goes under load: py-spy samples the thread holding the GIL in the service's gunicorn workers while wrk posts
-distinct signed callbacks (as the ingest row does), and writes a flame graph into bench/out/.
+"""Where a callback's CPU goes under load: py-spy samples the thread holding the GIL in the service's gunicorn
+workers while wrk posts distinct signed callbacks (as the ingest row does), and writes a flame graph into
+bench/out/ (git-ignored).
 
     .venv/bin/pip install py-spy            # a dev tool, not a dependency of the service
     .venv/bin/python bench/profile_callbacks.py --seconds 10 [--app bench.durable_floor_app:create_app()]

@@ -1,11 +1,11 @@
 """Group commit or a plain INSERT per callback? The same service with another recorder, side by side.
 
-`bench.recording_modes:create_app()` is `app:create_app()` whose callbacks' recorder is chosen by
-BENCH_RECORDER: `plain` (each callback checks a connection out of the autocommit pool, one committed INSERT,
+`bench.recording_modes:create_app()` is `app:create_app()` whose callbacks' recorder is chosen
+by BENCH_RECORDER: `plain` (each callback checks a connection out of the autocommit pool, one committed INSERT,
 checks it back in: the obvious design), `writers=N` (store/recording.GroupCommit with always up to N writes
 in flight per process; 1 is group commit proper) or `adaptive` (GroupCommit as shipped: one write in flight
-while writes are fast, up to recording.WRITERS while they are slow). `section(run)` measures each against the others at 1, 4, 16
-and 64 wrk connections, with MariaDB at 0 ms and 20 ms (devtools/latency_proxy.py) away.
+while writes are fast, up to recording.WRITERS while they are slow). `section(run)` measures each against
+the others at 1, 4, 16 and 64 wrk connections, with MariaDB at 0 ms and 20 ms (devtools/latency_proxy.py) away.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class PlainCommit:
         from sqlalchemy.exc import DBAPIError
 
         from store.db import StateUnavailable, autocommit_engine
-        from store.recording import write_rows
+        from store.event_writes import write_rows
 
         stamp = row["received_at"] = time.time()
         try:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 WINDOW_SECONDS = 60.0
 ADDRESSES_NAMED = 3  # a summary names this many of the sending addresses, and counts the rest
+ADDRESSES_KEPT = 1000  # distinct addresses remembered per window: a flood from many cannot grow memory
 
 
 @dataclass
@@ -44,7 +45,8 @@ class RefusalLog:
             window = self._open.get(reason)
             if window is not None and now - window.started < self.window:
                 window.more += 1
-                window.addresses[address] = window.addresses.get(address, 0) + 1
+                if address in window.addresses or len(window.addresses) < ADDRESSES_KEPT:
+                    window.addresses[address] = window.addresses.get(address, 0) + 1
                 return
             lines = self._close(reason, window, now) if window is not None else []
             if not lines:
@@ -75,8 +77,10 @@ class RefusalLog:
             return []
         named = ", ".join(list(window.addresses)[:ADDRESSES_NAMED])
         others = len(window.addresses) - ADDRESSES_NAMED
+        counted = len(window.addresses)
         line = (f"callback refused {window.more} more time(s) in the last {now - window.started:.0f} s "
-                f"({window.status}): {reason}; from {len(window.addresses)} address(es): {named}"
+                f"({window.status}): {reason}; from {counted}{'+' if counted >= ADDRESSES_KEPT else ''} "
+                f"address(es): {named}"
                 + (f" and {others} more" if others > 0 else ""))
         self._open[reason] = _Window(now, window.status)
         return [line]
