@@ -35,10 +35,12 @@ WAIT_SECONDS = 4.0
 # Rows of a batch that failed for a reason of their own are written again one by one, but only within
 # this long of the batch's start: a database that hangs meanwhile must still get WeCom a 503 in time.
 ALONE_SECONDS = 1.0
-# Writes in flight per process when the database is slow to answer (a write took over SLOW_WRITE_SECONDS);
-# one while it is fast. Measured in BENCHMARKS.md (issue 25); below the autocommit pool's 15 connections.
+# Writes in flight per process when the database is slow to answer (a write took over SLOW_WRITE_SECONDS:
+# a database some 15 ms or more away); one while it is fast. 5 ms also caught a local database on busy
+# cores, where more writes in flight only made the tail worse (BENCHMARKS.md, issue 25). Below the
+# autocommit pool's 15 connections.
 WRITERS = 4
-SLOW_WRITE_SECONDS = 0.005
+SLOW_WRITE_SECONDS = 0.015
 
 
 # --- one callback -----------------------------------------------------------------------------
