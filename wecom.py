@@ -19,15 +19,26 @@ from wechatpy.enterprise.crypto import WeChatCrypto
 
 MEMBER_CHANGES = ("create_user", "update_user", "delete_user")
 _DIGITS = re.compile(r"[0-9]{1,12}")  # ASCII only: str.isdigit() accepts '²', which int() refuses
+_SHA1_HEX = re.compile(r"[0-9a-fA-F]{40}")
+# The one answer to every failure after a valid signature (padding, length, corp id, XML, UserID): a sender
+# that could tell them apart would have an oracle on the ciphertext. The log line keeps the cause.
+UNREADABLE = "callback cannot be decrypted or read"
 
 
 class CallbackRejected(Exception):
-    """A callback we refuse: `reason` is short and safe to send back and log (no secrets)."""
+    """A callback we refuse: `reason` is short and safe to log (no secrets); `public` is what the sender is
+    told (the reason itself, except after a valid signature: UNREADABLE)."""
 
-    def __init__(self, reason: str, status: int = 400):
+    def __init__(self, reason: str, status: int = 400, public: str | None = None):
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.public = public or reason
+
+
+def after_signature(exc: CallbackRejected) -> CallbackRejected:
+    """The same refusal, answered as every failure after a valid signature is: 400 UNREADABLE."""
+    return CallbackRejected(exc.reason, 400, public=UNREADABLE)
 
 
 # --- callback crypto -------------------------------------------------------------------------
@@ -53,14 +64,21 @@ class CallbackCrypto:
         self._cipher = WeChatCipher(self._key)
         self._encryptor = WeChatCrypto(token, encoding_aes_key, corp_id)
 
-    def check(self, msg_signature: str, timestamp: str, nonce: str, encrypted: str,
-              now: float | None = None) -> None:
-        """Raise CallbackRejected unless the timestamp is fresh and the signature matches."""
+    def precheck(self, msg_signature: str, timestamp: str, now: float | None = None) -> None:
+        """What can be refused from the query alone, before the body is read: the timestamp is a number
+        inside the replay window and the signature has the shape of a SHA-1 (40 hexadecimal digits)."""
         if not _DIGITS.fullmatch(timestamp):
             raise CallbackRejected("timestamp is not a number")
         now = time.time() if now is None else now
         if abs(now - int(timestamp)) > self.max_skew:
             raise CallbackRejected("timestamp outside the replay window")
+        if not _SHA1_HEX.fullmatch(msg_signature):
+            raise CallbackRejected("msg_signature is not 40 hexadecimal digits")
+
+    def check(self, msg_signature: str, timestamp: str, nonce: str, encrypted: str,
+              now: float | None = None) -> None:
+        """Raise CallbackRejected unless the timestamp is fresh and the signature matches."""
+        self.precheck(msg_signature, timestamp, now)
         expected = signature(self.token, timestamp, nonce, encrypted)
         if not hmac.compare_digest(expected.encode(), msg_signature.lower().encode("utf-8", "replace")):
             raise CallbackRejected("signature mismatch", status=403)
@@ -93,7 +111,10 @@ class CallbackCrypto:
     def verify_url(self, msg_signature: str, timestamp: str, nonce: str, echostr: str) -> str:
         """The GET URL check: the decrypted echostr."""
         self.check(msg_signature, timestamp, nonce, echostr)
-        return self.decrypt(echostr)
+        try:
+            return self.decrypt(echostr)
+        except CallbackRejected as exc:
+            raise after_signature(exc) from None
 
     def open_envelope(self, body: bytes, msg_signature: str, timestamp: str, nonce: str) -> str:
         """The POST event: the decrypted XML. Nothing of the body is parsed as XML before the signature holds.
@@ -108,7 +129,19 @@ class CallbackCrypto:
             raise CallbackRejected("XML with a DTD or entities is refused")
         encrypted = _encrypt_value(body)
         self.check(msg_signature, timestamp, nonce, encrypted)
-        return self.decrypt(encrypted)
+        try:
+            return self.decrypt(encrypted)
+        except CallbackRejected as exc:
+            raise after_signature(exc) from None
+
+    def open_event(self, body: bytes, msg_signature: str, timestamp: str, nonce: str) -> tuple[str, ContactChange]:
+        """The POST event: its decrypted XML and what it says (open_envelope, then parse_event, whose
+        refusals come after the signature and are answered as such)."""
+        xml = self.open_envelope(body, msg_signature, timestamp, nonce)
+        try:
+            return xml, parse_event(xml)
+        except CallbackRejected as exc:
+            raise after_signature(exc) from None
 
     def encrypt(self, message: str, timestamp: str | None = None, nonce: str | None = None) -> dict:
         """Encrypt and sign `message` as WeCom would: the query parameters and the POST body."""

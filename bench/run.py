@@ -27,10 +27,11 @@ from bench.busy_ingest import SIZE as BUSY_SIZE, callbacks_during_fanout  # noqa
 from bench.digest import digest  # noqa: E402
 from bench.messages import messages  # noqa: E402
 from bench.pace import pace  # noqa: E402
+from bench import recording_modes  # noqa: E402
 from bench.reconcile_round import reconcile  # noqa: E402
 from bench.sink import Sink  # noqa: E402
 
-SECTIONS = ("ingest", "fanout", "e2e", "growth", "reconcile", "digest", "pace", "messages")
+SECTIONS = ("ingest", "fanout", "e2e", "growth", "reconcile", "digest", "pace", "messages", "recording")
 
 
 @dataclass
@@ -77,12 +78,16 @@ def ingest(run: Run) -> None:
     args = run.args
     with contextlib.ExitStack() as stack:
         url, url_worker = stack.enter_context(h.database("ingest")), stack.enter_context(h.database("ingestw"))
+        url_durable = stack.enter_context(h.database("ingestd"))
         h.prepare_state(url)
         h.prepare_state(url_worker)
         env = h.service_env(url, run.standin.api_base, run.sink.port)
         targets: dict[str, _Target] = {}
         try:
             targets["floor"] = _Target("bench.floor_app:create_app()", env, "floor", args)
+            targets["durable floor"] = _Target("bench.durable_floor_app:create_app()",
+                                               h.service_env(url_durable, run.standin.api_base, run.sink.port),
+                                               "durable-floor", args)
             targets["service"] = _Target("app:create_app()", env, "service", args)
             for commit, root in args.before:
                 url_before = stack.enter_context(h.database(f"ingestb{len(targets)}"))
@@ -92,9 +97,9 @@ def ingest(run: Run) -> None:
             for attempt in range(args.repeats):
                 say(f"ingest: maximum rate, round {attempt + 1} of {args.repeats}")
                 rates = [f"{name} {target.measure_max():.0f}/s" for name, target in targets.items()]
-                say("  " + ", ".join(rates))  # each round's figures: the spread shows the noise
+                say("  " + ", ".join(rates) + f"; load {os.getloadavg()[0]:.1f}")  # the spread shows the noise
             half = targets["floor"].best["max"]["rps"] / 2
-            for attempt in range(args.repeats):
+            for attempt in range(0 if args.max_only else args.repeats):
                 say(f"ingest: {half:.0f}/s, round {attempt + 1} of {args.repeats}")
                 for target in targets.values():
                     target.measure_rate(half)
@@ -104,11 +109,17 @@ def ingest(run: Run) -> None:
         floor, service = targets["floor"].best, targets["service"].best
         run.floors["ingest"] = floor
         run.raw["ingest floor"] = floor
+        run.raw["ingest durable floor"] = targets["durable floor"].best
+        run.raw["ingest rounds"] = {name: target.rounds for name, target in targets.items()}
         run.raw["ingest service, WORKER_IN_WEB=false"] = service
+        if args.max_only:  # no fixed-rate runs: the side-by-side maximum rates only
+            _durable_rows(run, targets["service"], targets["durable floor"], targets["floor"])
+            return
         for commit, _ in args.before:
             run.raw[f"ingest before {commit}, WORKER_IN_WEB=false"] = targets[commit].best
             _before_rows(run, commit, targets[commit].best, floor)
         _ingest_rows(run, "service, WORKER_IN_WEB=false", service, floor)
+        _durable_rows(run, targets["service"], targets["durable floor"], targets["floor"])
         for commit, _ in args.before:
             _after_before_rows(run, commit, service, targets[commit].best, half)
         with_worker = _Target("app:create_app()", h.service_env(url_worker, run.standin.api_base, run.sink.port,
@@ -123,6 +134,26 @@ def ingest(run: Run) -> None:
         run.raw["ingest service, WORKER_IN_WEB=true"] = with_worker.best
         _ingest_rows(run, "service, WORKER_IN_WEB=true", with_worker.best, floor)
     _busy_rows(run, floor)
+
+
+def _durable_rows(run: Run, service: "_Target", durable: "_Target", floor: "_Target") -> None:
+    """The service against the durable floor (one committed INSERT IGNORE per callback) and against the
+    decrypt-only floor: best of the rounds, and each round's own ratio (the same minute, the same neighbours)."""
+    best, base = service.best["max"], durable.best["max"]
+    ratio = best["rps"] / base["rps"]
+    run.add("ingest", "callbacks/s, durable floor (one committed INSERT IGNORE each)", f"{base['rps']:.0f}/s",
+            f"{floor.best['max']['rps']:.0f}/s", base["rps"] / floor.best["max"]["rps"])
+    run.add("ingest", "callbacks/s, service / durable floor", f"{best['rps']:.0f}/s", f"{base['rps']:.0f}/s", ratio,
+            "≥ 1.20", ratio >= 1.2)
+    run.add("ingest", "  p99 at max rate, service / durable floor", f"{best['p99_ms']:.1f} ms",
+            f"{base['p99_ms']:.1f} ms", best["p99_ms"] / base["p99_ms"], "no worse", best["p99_ms"] <= base["p99_ms"])
+    ratio_floor = best["rps"] / floor.best["max"]["rps"]
+    run.add("ingest", "callbacks/s, service / decrypt-only floor", f"{best['rps']:.0f}/s",
+            f"{floor.best['max']['rps']:.0f}/s", ratio_floor, "≥ 0.55", ratio_floor >= 0.55)
+    for i, (mine, theirs, bare) in enumerate(zip(service.rounds, durable.rounds, floor.rounds)):
+        run.add("ingest", f"  round {i + 1}: service / durable floor, / decrypt-only floor (p99 service, durable)",
+                f"{mine['rps'] / theirs['rps']:.2f}, {mine['rps'] / bare['rps']:.2f}",
+                f"{mine['p99_ms']:.0f}, {theirs['p99_ms']:.0f} ms")
 
 
 def _before_rows(run: Run, commit: str, measured: dict, floor: dict) -> None:
@@ -172,6 +203,7 @@ class _Target:
         self.name, self.seconds, self.per_run = name, args.load_seconds, args.requests
         self.port = h.free_port()
         self.runs = 0
+        self.rounds: list[dict] = []  # every maximum-rate run, in order
         self.service = h.Service.gunicorn(app_spec, env, self.port, f"ingest-{name}-{self.port}", root)
         self.best: dict = {"serial": _serial_latency(self.port, 200, f"ser{self.port}x")}
         h.wrk(self.port, self._requests(self.per_run // 5), 0, self.per_run // 5, 1)  # warm-up
@@ -189,6 +221,7 @@ class _Target:
         if result["requests"]:
             result["cpu_us"] = (sum(after[0]) - sum(before[0])) / result["requests"] * 1e6
             result["db_cpu_us"] = (after[1] - before[1]) / result["requests"] * 1e6
+        self.rounds.append(result)
         if _check_wrk({"max": result}, self.name) and result["rps"] > self.best.get("max", {}).get("rps", 0):
             self.best["max"] = result
         return result["rps"]
@@ -652,6 +685,8 @@ def main() -> int:
     parser.add_argument("--before", type=Path, action="append", default=[],
                         help="another checkout (e.g. `git worktree add ../before <commit>`): its service is "
                              "measured beside this one (fan-out, ingest); may be given more than once")
+    parser.add_argument("--max-only", action="store_true",
+                        help="ingest: only the maximum-rate rounds of the floors and the services side by side")
     parser.add_argument("--reconcile-size", type=int, help="members of the reconciled department (10,000)")
     parser.add_argument("--reconcile-event-size", type=int,
                         help="members of the department whose event arrives during a round (1,000)")
@@ -698,7 +733,8 @@ def main() -> int:
         run = Run(args, sink, standin)
         for name, section in (("ingest", ingest), ("fanout", fanout), ("e2e", end_to_end), ("growth", growth),
                               ("reconcile", reconcile), ("digest", digest), ("pace", pace),
-                              ("messages", messages)):
+                              ("messages", messages),
+                              ("recording", recording_modes.section)):
             if name in args.only:
                 section(run)
     print_table(run)

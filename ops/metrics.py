@@ -91,8 +91,15 @@ class Recorder:
         RECONCILE_EVENTS.labels(change_type).inc()
 
 
+_CALLBACK_CHILDREN: dict[tuple[str, str], object] = {}  # labels() takes a lock and builds a key per call
+
+
 def callback(outcome: str, reason: str, seconds: float) -> None:
-    CALLBACKS.labels(outcome, reason).inc()
+    """Count one answered callback (its children bound once per outcome and reason) and its answer time."""
+    child = _CALLBACK_CHILDREN.get((outcome, reason))
+    if child is None:
+        child = _CALLBACK_CHILDREN.setdefault((outcome, reason), CALLBACKS.labels(outcome, reason))
+    child.inc()
     ACK_SECONDS.observe(seconds)
 
 

@@ -1,15 +1,16 @@
 """Recording callbacks: one row per event, once (the dedup key), committed before the answer; callbacks
 that arrive together are recorded in one INSERT and one commit (group commit).
 
-Leader and followers, as in MySQL's binary-log group commit: a request queues its row; if no write is
-in flight in this process it becomes the writer, takes every row queued at that moment (its own
-included), writes them in one statement and wakes their requests; rows queued meanwhile wait for the
-next writer, which is one of their own requests. So one write is in flight per process, a lone callback
-is written at once in its own thread (no wait to fill a batch, no hand-over to another thread), and no
-request is answered before the commit that holds its row.
+Leader and followers, as in MySQL's binary-log group commit: a request queues its row; if a writer's slot
+is free in this process it becomes the writer, takes every row queued at that moment (its own included),
+writes them in one statement and wakes their requests, each alone; rows queued meanwhile wait for the next
+writer, which is one of their own requests. A lone callback is written at once in its own thread (no wait to
+fill a batch, no hand-over to another thread), and no request is answered before the commit that holds its
+row. One slot while writes are fast, a few while they are slow (GroupCommit). The statements themselves
+are store/event_writes.py.
 
 Why: under a burst every request used to pay its own statement and its own commit (issue 15 in
-BENCHMARKS.md); a batch of n pays one INSERT, one SELECT and one commit.
+BENCHMARKS.md); a batch of n new rows pays one INSERT and one commit (issue 25: and one round trip).
 """
 from __future__ import annotations
 
@@ -18,15 +19,14 @@ import contextlib
 import hashlib
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from sqlalchemy.dialects import mysql, sqlite
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import DBAPIError
 
 from store.db import StateUnavailable, autocommit_engine, is_transient_db_error
+from store.event_writes import write_rows
 from store.migrate import ensure_schema
-from store.schema import events
 
 MAX_ROWS = 200  # per INSERT: a few hundred KB of XML, well inside max_allowed_packet
 # WeCom waits 5 s for an answer. A row still queued after this long (the writer ahead of it is stuck on a
@@ -35,6 +35,12 @@ WAIT_SECONDS = 4.0
 # Rows of a batch that failed for a reason of their own are written again one by one, but only within
 # this long of the batch's start: a database that hangs meanwhile must still get WeCom a 503 in time.
 ALONE_SECONDS = 1.0
+# Writes in flight per process when the database is slow to answer (a write took over SLOW_WRITE_SECONDS:
+# a database some 15 ms or more away); one while it is fast. 5 ms also caught a local database on busy
+# cores, where more writes in flight only made the tail worse (BENCHMARKS.md, issue 25). Below the
+# autocommit pool's 15 connections.
+WRITERS = 4
+SLOW_WRITE_SECONDS = 0.015
 
 
 # --- one callback -----------------------------------------------------------------------------
@@ -50,11 +56,6 @@ def event_row(xml: str, change, status: str, reason: str | None, now: float) -> 
             "departments": ",".join(str(d) for d in change.departments)[:255],
             "create_time": change.create_time, "xml": xml, "status": status, "reason": reason,
             "attempts": 0, "received_at": now, "next_attempt_at": 0, "source": "callback"}
-
-
-# The columns event_row fills, in its order: the statements below are compiled for exactly these.
-EVENT_ROW_COLUMNS = ("dedup_key", "change_type", "user_id", "departments", "create_time", "xml", "status", "reason",
-                     "attempts", "received_at", "next_attempt_at", "source")
 
 
 def record_event(engine: Engine, xml: str, change, status: str, reason: str | None = None) -> tuple[int, bool]:
@@ -77,62 +78,94 @@ def retry_on_new_connection(exc: DBAPIError, started: float) -> bool:
 
 # --- callbacks that arrive together ----------------------------------------------------------
 
+def _taken_lock() -> threading.Lock:
+    lock = threading.Lock()
+    lock.acquire()
+    return lock
+
+
 @dataclass(eq=False)
 class _Queued:
     row: dict
     outcome: tuple[int, bool] | StateUnavailable | None = None
+    lead: bool = False  # set by the writer that hands over: this request writes the next batch
+    # Released once `outcome` or `lead` is set: each request is woken alone, when it has something to do
+    # (a Condition's notify_all woke every waiting request at every write: 9 % of the CPU under load).
+    signal: threading.Lock = field(default_factory=_taken_lock)
 
 
 class GroupCommit:
-    """The callbacks' writer of one process: record(row) returns once the row is committed."""
+    """The callbacks' writer of one process: record(row) returns once the row is committed.
 
-    def __init__(self, engine: Engine, observe=lambda rows: None, wait_seconds: float = WAIT_SECONDS):
-        self.engine, self.observe, self.wait_seconds = engine, observe, wait_seconds
-        self._changed = threading.Condition()
+    Up to `writers` writes may be in flight at once, each on its own held connection: a callback that finds a
+    free one is written at once (with whatever is queued), and callbacks queue, to share the next write, only
+    while all are busy. How many may be busy adapts to the database (issue 25 in BENCHMARKS.md): one while
+    writes come back fast (group commit proper: the best p99 and the fewest statements, near the database), up
+    to `writers` while they are slow (a database 20 ms away: one writer made each request wait for the
+    round trip ahead of its own, and several in flight won 1.3-1.7x). writers=1 is group commit alone."""
+
+    def __init__(self, engine: Engine, observe=lambda rows: None, wait_seconds: float = WAIT_SECONDS,
+                 writers: int = WRITERS, slow_seconds: float = SLOW_WRITE_SECONDS):
+        self.engine, self.observe, self.wait_seconds, self.writers = engine, observe, wait_seconds, writers
+        self.slow_seconds = slow_seconds
+        self._limit = 1  # writes allowed in flight now: 1, or `writers` after a slow write
+        self._lock = threading.Lock()
         self._queue: collections.deque[_Queued] = collections.deque()
-        self._writing = False
-        self._connection: Connection | None = None  # the writer's own, used by one writer at a time
+        self._busy = 0  # writes in flight
+        self._idle: list[Connection] = []  # the writers' own connections, each used by one writer at a time
 
     def record(self, row: dict) -> tuple[int, bool]:
         """(event id, created) once `row` (event_row) is committed or its dedup key was there already;
         raises StateUnavailable when the state database fails or does not answer in time."""
         mine = _Queued(row)
-        deadline = time.monotonic() + self.wait_seconds
-        with self._changed:
-            self._queue.append(mine)
-            while mine.outcome is None:
-                if not self._writing:
-                    self._lead()
-                    continue
-                left = deadline - time.monotonic()
-                if left <= 0 and mine in self._queue:  # not taken by a writer yet: give up, unwritten
+        with self._lock:
+            if self._busy < self._limit:
+                self._busy += 1
+                mine.lead = True
+            else:
+                self._queue.append(mine)
+        if not mine.lead and not mine.signal.acquire(timeout=self.wait_seconds):
+            with self._lock:
+                if mine in self._queue:  # not taken by a writer yet: give up, unwritten
                     self._queue.remove(mine)
                     raise StateUnavailable(f"no answer from the state database within {self.wait_seconds:g} s")
-                self._changed.wait(max(left, 0.05))
+            mine.signal.acquire()  # in a write already, whose own timeouts bound the wait
+        if mine.outcome is None:  # mine.lead: write it, and what queued meanwhile
+            self._lead(mine)
         if isinstance(mine.outcome, StateUnavailable):
             raise mine.outcome
         return mine.outcome
 
-    def _lead(self) -> None:
-        """Write what is queued (called holding the condition; writes without it)."""
-        batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_ROWS))]
-        self._writing = True
-        self._changed.release()
+    def _lead(self, mine: _Queued) -> None:
+        """Write `mine` and what is queued; then hand the queue to the next writer, one of its requests."""
+        with self._lock:
+            batch = [mine] + [self._queue.popleft() for _ in range(min(len(self._queue), MAX_ROWS - 1))]
+        started = time.monotonic()
         try:
             outcomes = self._write([queued.row for queued in batch])
         except Exception as exc:  # noqa: BLE001 - a bug must not leave the followers waiting for nothing
             outcomes = [StateUnavailable(exc.__class__.__name__)] * len(batch)
-        finally:
-            self._changed.acquire()
-            self._writing = False
-        for queued, outcome in zip(batch, outcomes):
-            queued.outcome = outcome
-        if outcomes and all(isinstance(o, StateUnavailable) for o in outcomes):
-            # The database is failing: the rows that queued up meanwhile fail now too, rather than each
-            # waiting for its own timeout in turn (a request never waits longer than for one write).
-            while self._queue:
-                self._queue.popleft().outcome = outcomes[0]
-        self._changed.notify_all()
+        slow = time.monotonic() - started > self.slow_seconds
+        woken = batch[1:]
+        with self._lock:
+            self._limit = self.writers if slow else 1
+            for queued, outcome in zip(batch, outcomes):
+                queued.outcome = outcome
+            if outcomes and all(isinstance(o, StateUnavailable) for o in outcomes):
+                # The database is failing: the rows that queued up meanwhile fail now too, rather than each
+                # waiting for its own timeout in turn (a request never waits longer than for one write).
+                while self._queue:
+                    queued = self._queue.popleft()
+                    queued.outcome = outcomes[0]
+                    woken.append(queued)
+            self._busy -= 1
+            while self._queue and self._busy < self._limit:  # a queued request writes next (more, if slow)
+                successor = self._queue.popleft()
+                successor.lead = True
+                self._busy += 1
+                woken.append(successor)
+        for queued in woken:
+            queued.signal.release()
         self.observe(len(batch))
 
     def _write(self, rows: list[dict]) -> list[tuple[int, bool] | StateUnavailable]:
@@ -145,14 +178,17 @@ class GroupCommit:
         stamp = time.time()
         for row in rows:
             row["received_at"] = stamp
+        connection = None
         try:
             ensure_schema(self.engine)
             for attempt in (1, 2):
                 tried_at = time.monotonic()
                 try:
-                    return write_rows(self._connected(), rows, stamp)
+                    connection = self._checkout()
+                    return write_rows(connection, rows, stamp)
                 except DBAPIError as exc:
-                    self._drop_connection()  # a failed statement may leave the connection in any state
+                    self._drop(connection)  # a failed statement may leave the connection in any state
+                    connection = None
                     # A connection the server has dropped fails at once: one more try on a new one.
                     if attempt == 2 or not retry_on_new_connection(exc, tried_at):
                         raise
@@ -163,73 +199,24 @@ class GroupCommit:
             return [StateUnavailable(exc.orig.__class__.__name__)] * len(rows)
         except StateUnavailable as exc:  # the schema lock was held too long by another process
             return [exc] * len(rows)
+        finally:
+            if connection is not None:
+                self._idle.append(connection)
 
-    def _drop_connection(self) -> None:
-        if self._connection is not None:
+    @staticmethod
+    def _drop(connection: Connection | None) -> None:
+        if connection is not None:
             with contextlib.suppress(Exception):
-                self._connection.invalidate()  # closed, and not given back to the pool
-            self._connection = None
+                connection.invalidate()  # closed, and not given back to the pool
 
-    def _connected(self) -> Connection:
+    def _checkout(self) -> Connection:
         # Held across writes: a pool checkout and return cost more CPU than the INSERT itself (measured).
-        if self._connection is None or self._connection.invalidated or self._connection.closed:
-            self._connection = autocommit_engine(self.engine).connect()
-        return self._connection
-
-
-def write_rows(conn: Connection, rows: list[dict], stamp: float) -> list[tuple[int, bool]]:
-    """Write event rows (event_row, each with received_at = stamp) on an autocommit connection;
-    per row (event id, created). A row found with another received_at was there already (a resend).
-
-    The statements are compiled once and run with exec_driver_sql: the Core statement's per-call work
-    was half the CPU of a callback's write (measured: 235 µs a row through engine.connect() + execute,
-    88 µs like this, 35 µs a row in batches of 16)."""
-    sql = _statements(conn.dialect.name)
-    if len(rows) == 1:  # the lone callback: one round trip, as before group commit
-        try:
-            return [(conn.exec_driver_sql(sql.insert, rows[0]).lastrowid, True)]
-        except IntegrityError:  # the dedup key exists
-            [(event_id, _, received_at)] = conn.exec_driver_sql(sql.find(1), (rows[0]["dedup_key"],)).all()
-            return [(event_id, received_at == stamp)]
-    keys = tuple(dict.fromkeys(row["dedup_key"] for row in rows))
-    conn.exec_driver_sql(sql.insert_new, rows)  # MySQL: one multi-row statement, autocommitted
-    found = {key: (event_id, received_at) for event_id, key, received_at
-             in conn.exec_driver_sql(sql.find(len(keys)), keys)}
-    results, seen = [], set()
-    for row in rows:
-        key = row["dedup_key"]
-        event_id, received_at = found[key]
-        results.append((event_id, received_at == stamp and key not in seen))  # a copy in the batch: a duplicate
-        seen.add(key)
-    return results
-
-
-@dataclass(frozen=True)
-class _Sql:
-    insert: str  # a plain INSERT: an existing dedup key raises IntegrityError
-    insert_new: str  # leaves a row whose dedup key exists as it is (and only then, unlike INSERT IGNORE)
-    marker: str  # the positional placeholder
-
-    def find(self, count: int) -> str:
-        return ("SELECT id, dedup_key, received_at FROM wm_events WHERE dedup_key IN ("
-                + ", ".join([self.marker] * count) + ")")
-
-
-_COMPILED: dict[str, _Sql] = {}
-
-
-def _statements(dialect_name: str) -> _Sql:
-    """The statements for SQLite (named parameters) or MySQL/MariaDB (pyformat), compiled once."""
-    if dialect_name not in _COMPILED:
-        if dialect_name == "sqlite":
-            dialect = sqlite.dialect(paramstyle="named")
-            insert_new = sqlite.insert(events).on_conflict_do_nothing(index_elements=["dedup_key"])
-        else:
-            dialect = mysql.dialect(paramstyle="pyformat")
-            insert_new = mysql.insert(events).on_duplicate_key_update(id=events.c.id)
-
-        def compiled(statement) -> str:
-            return str(statement.compile(dialect=dialect, column_keys=EVENT_ROW_COLUMNS))
-        _COMPILED[dialect_name] = _Sql(compiled(events.insert()), compiled(insert_new),
-                                       "?" if dialect_name == "sqlite" else "%s")
-    return _COMPILED[dialect_name]
+        # list.pop and append are atomic: at most `writers` connections exist, each with one writer.
+        while self._idle:
+            try:
+                connection = self._idle.pop()
+            except IndexError:
+                break
+            if not (connection.invalidated or connection.closed):
+                return connection
+        return autocommit_engine(self.engine).connect()

@@ -43,6 +43,23 @@ def test_a_batch_creates_the_new_rows_and_names_the_resends_and_the_copies(engin
     assert {e.id for e in stored} == set(ids) and {e.status for e in stored} == {"pending"}
 
 
+def test_a_batch_of_new_rows_gives_each_caller_the_id_of_its_own_row(engine):
+    recorder = GroupCommit(engine)
+    recorder._write([_row("user0000")])  # ids do not start at 1
+    outcomes = recorder._write([_row(f"user{i:04d}") for i in range(1, 6)])
+    stored = {e.user_id: e.id for e in rows(engine, events)}
+    assert outcomes == [(stored[f"user{i:04d}"], True) for i in range(1, 6)]
+
+
+def test_a_resend_inside_a_batch_of_distinct_rows_is_found_and_the_others_are_new(engine):
+    recorder = GroupCommit(engine)
+    [(first_id, _)] = recorder._write([_row("user0002")])
+    outcomes = recorder._write([_row(f"user{i:04d}") for i in range(1, 5)])  # user0002 is WeCom's resend
+    stored = {e.user_id: e.id for e in rows(engine, events)}
+    assert outcomes == [(stored["user0001"], True), (first_id, False), (stored["user0003"], True),
+                        (stored["user0004"], True)]
+
+
 def test_a_lone_resend_answers_with_the_id_of_the_first(engine):
     recorder = GroupCommit(engine)
     first_id, created = recorder.record(_row("user0001"))
