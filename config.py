@@ -72,6 +72,10 @@ class Settings:
     # The self-built app (自建应用), shared by WeCom application messages and WeCom sign-in.
     agent_id: int | None = None
     app_secret: str | None = field(default=None, repr=False)
+    # Retention and Kubernetes (issue 23): finished events older than this are pruned (0: never); the file
+    # the delivery loop touches every round, for a liveness probe (None: none).
+    retention_days: int = 90
+    worker_heartbeat_file: str | None = None
 
     @property
     def tz(self) -> ZoneInfo:
@@ -186,6 +190,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         log_format=r.choice("LOG_FORMAT", d["log_format"], ("text", "json")),
         agent_id=r.agent_id(),
         app_secret=r.secret("WECOM_APP_SECRET") or None,
+        retention_days=r.int("RETENTION_DAYS", d["retention_days"], 0, 36500),
+        worker_heartbeat_file=r.text("WORKER_HEARTBEAT_FILE", "") or None,
     )
 
 

@@ -15,7 +15,7 @@ import smtp_session
 import templates_repo
 import wecom_api
 from delivery.limits import day_of, next_day_start
-from ops import report
+from ops import report, storage
 from store import addressbook, limits
 from store.db import StateUnavailable, safe_url
 from store.migrate import upgrade
@@ -39,6 +39,8 @@ def run_all(parts) -> list[tuple[bool, str]]:
     if settings.reconcile_seconds > 0:
         results.append(reconciliation(engine, settings) if state_ok else
                        (False, "reconciliation: not checked (needs the state database)"))
+    if state_ok:
+        results.extend(storage.retention_lines(engine, settings))
     results.append(smtp(settings))
     results.append(sending_limits(settings, engine if state_ok else None))
     return [(ok, config.mask(line, settings)) for ok, line in results]

@@ -265,3 +265,8 @@ audit_log = Table(  # append only: nothing in the service updates or deletes a r
     Index("ix_wm_audit_log_at", "at"),
     Index("ix_wm_audit_log_actor", "actor", "at"),
 )
+
+
+# --- retention (RETENTION_DAYS, store/retention.py): old finished events are pruned in received order ------
+
+Index("ix_wm_events_received", events.c.received_at)
