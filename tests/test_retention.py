@@ -122,7 +122,8 @@ def test_one_process_at_a_time_holds_the_turn_and_releases_it(db_url, make_app):
     assert scheduling.run(settings, engine, "p9", now=NOW + 60) is None  # within the hour: not due
 
 
-def test_check_shows_row_counts_the_oldest_row_kept_and_the_last_run(app, db_url):
+def test_check_shows_row_counts_the_oldest_row_kept_and_the_last_run(make_app, db_url):
+    app = make_app(DATABASE_URL=db_url, RETENTION_DAYS="90")
     runner = app.test_cli_runner()
     parts = app.extensions["wecom_mailer"]
     with parts.engine.begin() as conn:
