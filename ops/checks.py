@@ -39,10 +39,10 @@ def run_all(parts) -> list[tuple[bool, str]]:
     if settings.reconcile_seconds > 0:
         results.append(reconciliation(engine, settings) if state_ok else
                        (False, "reconciliation: not checked (needs the state database)"))
-    if state_ok:
-        results.extend(storage.retention_lines(engine, settings))
     results.append(smtp(settings))
     results.append(sending_limits(settings, engine if state_ok else None))
+    results.append(storage.retention_line(engine, settings) if state_ok else
+                   (False, "retention: not checked (needs the state database)"))
     return [(ok, config.mask(line, settings)) for ok, line in results]
 
 

@@ -49,13 +49,14 @@ def test_check_against_a_working_setup_passes_every_line(service, service_env, t
     result = flask("check", env=service_env, cwd=tmp_path)
     lines = result.stdout.splitlines()
     assert result.returncode == 0, output(result)
-    assert len(lines) == 6 and all(line.startswith("✓ ") for line in lines), result.stdout
+    assert len(lines) == 7 and all(line.startswith("✓ ") for line in lines), result.stdout
     assert "reachable, schema revision" in lines[0]
     assert "a row for each of create_user, update_user, delete_user" in lines[1]
     assert lines[2] == "✓ WeCom gettoken: access token obtained"
     assert lines[3] == f"✓ WeCom department {DEPARTMENT}: 5 member(s), every one with an address"
     assert lines[4].startswith("✓ SMTP 127.0.0.1:") and "no TLS" in lines[4]
     assert lines[5].startswith("✓ sending limits: none (set SMTP_MAX_PER_MINUTE / SMTP_MAX_PER_DAY")
+    assert lines[6].startswith("✓ retention: off (RETENTION_DAYS=0") and "wm_events 0 row(s)" in lines[6]
 
 
 def broken_check_env(tmp_path, api_base: str) -> dict[str, str]:
@@ -99,7 +100,7 @@ def test_check_counts_the_members_without_an_address(tmp_path):
         print(f"\n$ flask --app app check   # exit {result.returncode}\n{result.stdout}{result.stderr}")
         lines = result.stdout.splitlines()
         assert result.returncode == 1
-        assert [line[0] for line in lines] == ["✓", "✓", "✓", "✗", "✗", "✓"]
+        assert [line[0] for line in lines] == ["✓", "✓", "✓", "✗", "✗", "✓", "✓"]
         assert lines[3] == (f"✗ WeCom department {DEPARTMENT}: 5 member(s), 2 without an address under "
                             "EMAIL_SOURCES=wecom,directory,pattern (user0002, user0004) — import them with "
                             "`flask --app app import-addresses FILE.csv` or set EMAIL_PATTERN")
