@@ -101,8 +101,8 @@ def test_large_fan_outs_go_in_small_batches_and_a_stop_leaves_a_consistent_state
     assert len(_keys(engine)) == 3  # an event goes only after its last delivery
     rest = retention.prune(engine, 90, now=NOW)
     assert rest.events == 3 and count(engine, schema.deliveries) == 0
-    # 2,030 deliveries left: three DELETEs of at most ROWS_PER_DELETE, then one for the events, one for digests.
-    assert rest.deliveries == 2030 and rest.batches == 3 + 1 + 1
+    # 2 x ROWS_PER_DELETE + 30 left: three DELETEs of at most ROWS_PER_DELETE, one for the events, one for digests.
+    assert rest.deliveries == 2 * retention.ROWS_PER_DELETE + 30 and rest.batches == 3 + 1 + 1
 
 
 def test_one_process_at_a_time_holds_the_turn_and_releases_it(db_url, make_app):
