@@ -114,12 +114,16 @@ def prune(engine: Engine, days: int, now: float | None = None, stop: threading.E
         result.events += _delete_events(engine, ids, before)
         result.batches += 1
         rest()
-    while result.complete and not halted():
+    while result.complete:
+        if halted():
+            result.complete = False
+            break
         deleted = _delete_digests(engine, before)
         result.digests += deleted
         result.batches += 1
         if deleted < ROWS_PER_DELETE:
             break
+        rest()
     result.seconds = time.monotonic() - started
     return result
 

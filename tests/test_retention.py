@@ -142,3 +142,26 @@ def test_the_received_at_index_is_there_for_the_prune_order(db_url):
     migrate.upgrade(engine)
     names = {ix["name"] for ix in sa.inspect(engine).get_indexes("wm_events")}
     assert "ix_wm_events_received" in names
+
+
+def test_the_delivery_loop_prunes_in_its_own_thread_and_releases_the_lease_on_shutdown(make_app, db_url):
+    import time
+
+    from support import wait_until
+
+    app = make_app(DATABASE_URL=db_url, RETENTION_DAYS="30")
+    parts = app.extensions["wecom_mailer"]
+    now = time.time()
+    with parts.engine.begin() as conn:
+        for key, age in (("two-months", 60), ("a-week", 7)):
+            conn.execute(schema.events.insert().values(
+                dedup_key=key, change_type="create_user", user_id=key, departments="2", xml="<xml/>",
+                status="done", received_at=now - age * DAY, next_attempt_at=0, finished_at=now - age * DAY))
+    worker = parts.make_worker()
+    worker.start()
+    try:
+        wait_until(lambda: _keys(parts.engine) == {"a-week"}, timeout=30, what="the worker's pruning thread")
+    finally:
+        worker.shutdown()
+    turn = leases.last_turn(parts.engine, scheduling.LEASE)
+    assert turn.owner == worker.owner and turn.lease_until is None and turn.runs == 1
