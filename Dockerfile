@@ -15,9 +15,10 @@ RUN python -m venv /opt/venv \
 
 FROM python:3.11.13-slim-bookworm@sha256:86adf8dbadc3d6e82ee5dd2c74bec2e1c2467cdad47886280501df722372d2e1
 # A system user with no login shell and no home: the only place it may write is /app/var
-# (the default SQLite state and MAIL_FILE_DIR) and the metrics directory under /tmp.
-RUN groupadd --system wecom \
- && useradd --system --gid wecom --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin wecom
+# (the default SQLite state and MAIL_FILE_DIR) and the metrics directory under /tmp. Its ids are fixed
+# (10001, above any host's users) so that Kubernetes can check runAsNonRoot and deploy/kubernetes names them.
+RUN groupadd --system --gid 10001 wecom \
+ && useradd --system --uid 10001 --gid wecom --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin wecom
 COPY --from=build /opt/venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH \
     BIND=0.0.0.0:8000 \
@@ -31,7 +32,7 @@ COPY . ./
 RUN python -m compileall -q /app \
  && mkdir -p /app/var /tmp/metrics \
  && chown wecom:wecom /app/var /tmp/metrics
-USER wecom
+USER 10001:10001
 EXPOSE 8000
 # healthcheck.py: GET http://127.0.0.1:8000/healthz (the port follows BIND) with a 3 s timeout, exit 0/1.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 CMD ["python", "/app/healthcheck.py"]

@@ -15,9 +15,9 @@ from ops.forwarded import TrustedProxies
 import services
 import wecom
 from ops import admin, cli, metrics, refusals
-from store import recording
+from store import recording, server
 from store.db import StateUnavailable, with_retries
-from store.migrate import ensure_schema, ready
+from store.migrate import SchemaTooNew, ensure_schema, ready
 
 log = logging.getLogger("wecom_mailer.callback")
 REFUSALS = "wecom_mailer.refusals"  # app.extensions key: the refused callbacks' log (ops/refusals.py)
@@ -46,6 +46,11 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
     app.extensions[services.EXTENSION] = parts
     try:
         with_retries(lambda: ensure_schema(parts.engine))
+        server.verify(parts.engine)
+    except (SchemaTooNew, server.ServerSettingBroken) as exc:
+        # A newer release migrated past us (rolling update), or the server breaks a promise: refuse to start.
+        print(f"wecom-mailer: {exc}", file=sys.stderr)
+        raise SystemExit(4) from None
     except (DBAPIError, StateUnavailable) as exc:
         # Start anyway: /readyz says 503 and callbacks answer 503 until the database is back.
         reason = exc.orig.__class__.__name__ if isinstance(exc, DBAPIError) else str(exc)

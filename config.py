@@ -89,6 +89,10 @@ class Settings:
     public_url: str | None = None
     qr_login_url: str = "https://login.work.weixin.qq.com/wwlogin/sso/login"
     oauth_url: str = "https://open.weixin.qq.com/connect/oauth2/authorize"
+    # Retention and Kubernetes (issue 23): finished events older than this are pruned (0: never); the file
+    # the delivery loop touches every round, for a liveness probe (None: none).
+    retention_days: int = 90
+    worker_heartbeat_file: str | None = None
 
     @property
     def tz(self) -> ZoneInfo:
@@ -232,6 +236,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         bounce_address=r.bounce_address(),
         bounce_soft_limit=r.int("BOUNCE_SOFT_LIMIT", d["bounce_soft_limit"], 1, 100),
         **_wecom_message(r, d),
+        retention_days=r.int("RETENTION_DAYS", d["retention_days"], 0, 36500),
+        worker_heartbeat_file=r.text("WORKER_HEARTBEAT_FILE", "") or None,
     )
 
 

@@ -1,7 +1,12 @@
 #!/usr/bin/env python3
-"""The image's HEALTHCHECK: exit 0 when GET /healthz answers 200 within 3 s, 1 otherwise (stdlib only)."""
+"""The image's HEALTHCHECK: exit 0 when GET /healthz answers 200 within 3 s, 1 otherwise (stdlib only).
+
+`healthcheck.py --heartbeat FILE [--max-age SECONDS]` checks a delivery worker instead, which serves no HTTP:
+exit 0 while FILE (WORKER_HEARTBEAT_FILE, touched by every round of its loop) is younger than SECONDS (60).
+"""
 import os
 import sys
+import time
 import urllib.request
 
 
@@ -13,7 +18,24 @@ def healthz_url() -> str:
     return f"http://127.0.0.1:{port if port.isdigit() else '8000'}/healthz"
 
 
-def main() -> int:
+def heartbeat(path: str, max_age: float) -> int:
+    """0 when `path` was touched within `max_age` seconds; 1 (with the reason) otherwise."""
+    try:
+        age = time.time() - os.stat(path).st_mtime
+    except OSError as exc:
+        print(f"healthcheck: heartbeat {path}: {exc.strerror} (has the worker's loop started?)", file=sys.stderr)
+        return 1
+    if age > max_age:
+        print(f"healthcheck: heartbeat {path} is {age:.0f} s old (more than {max_age:g}): the delivery loop "
+              "is stuck", file=sys.stderr)
+        return 1
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if argv[:1] == ["--heartbeat"] and len(argv) in (2, 4):
+        max_age = float(argv[3]) if len(argv) == 4 and argv[2] == "--max-age" else 60.0
+        return heartbeat(argv[1], max_age)
     url = healthz_url()
     try:
         with urllib.request.urlopen(url, timeout=3) as response:
@@ -24,4 +46,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -3,7 +3,7 @@
     python bench/run.py                 # every row at full size (a few minutes)
     python bench/run.py --quick         # smaller sizes, shorter loads
     python bench/run.py --only fanout   # one or more of: ingest, fanout, e2e, growth, reconcile, digest, pace,
-                                        # messages
+                                        # messages, recording, retention
 """
 from __future__ import annotations
 
@@ -29,9 +29,11 @@ from bench.messages import messages  # noqa: E402
 from bench.pace import pace  # noqa: E402
 from bench import recording_modes  # noqa: E402
 from bench.reconcile_round import reconcile  # noqa: E402
+from bench.retention import retention_section  # noqa: E402
 from bench.sink import Sink  # noqa: E402
 
-SECTIONS = ("ingest", "fanout", "e2e", "growth", "reconcile", "digest", "pace", "messages", "recording")
+SECTIONS = ("ingest", "fanout", "e2e", "growth", "reconcile", "digest", "pace", "messages", "recording",
+            "retention")
 
 
 @dataclass
@@ -690,12 +692,13 @@ def main() -> int:
     parser.add_argument("--reconcile-size", type=int, help="members of the reconciled department (10,000)")
     parser.add_argument("--reconcile-event-size", type=int,
                         help="members of the department whose event arrives during a round (1,000)")
+    parser.add_argument("--retention-rows", type=int, help="old finished deliveries the retention rows prune (10^6)")
     parser.add_argument("--digest-sizes", help="comma list of department sizes for the digest's isolated rows")
     parser.add_argument("--message-size", type=int, help="members of the WeCom message rows' department (10,000)")
     args = parser.parse_args()
     overrides = {key: getattr(args, key) for key in ("fanout_sizes", "e2e_sizes", "growth_rows", "repeats",
                                                      "reconcile_size", "reconcile_event_size", "digest_sizes",
-                                                     "message_size")}
+                                                     "message_size", "retention_rows")}
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     args.before = _before_checkouts(parser, args.before)
     unknown = set(args.only) - set(SECTIONS)
@@ -707,10 +710,12 @@ def main() -> int:
         args.load_seconds, args.requests, args.repeats, args.naive_cap = 3, 25_000, 2, 500
         args.fanout_sizes, args.e2e_sizes, args.growth_rows = [300, 1000], [10, 100, 1000], 100_000
         args.reconcile_size, args.reconcile_event_size, args.digest_sizes = 10_000, 300, [50, 300]
+        args.retention_rows = 100_000
     else:
         args.load_seconds, args.requests, args.repeats, args.naive_cap = 5, 40_000, 3, 3000
         args.fanout_sizes, args.e2e_sizes, args.growth_rows = [1000, 10000], [10, 100, 1000, 10000], 1_000_000
         args.reconcile_size, args.reconcile_event_size, args.digest_sizes = 10_000, 1000, [50, 1000]
+        args.retention_rows = 1_000_000
     for key, value in overrides.items():
         if value:
             setattr(args, key, [int(n) for n in value.split(",")] if key.endswith("sizes") else value)
@@ -718,7 +723,7 @@ def main() -> int:
     if not shutil.which("wrk"):
         # No Python client can load the service as hard as wrk does: rather than measure something else
         # under the same row names, leave those sections out and run the others.
-        args.skipped = [name for name in ("ingest", "growth") if name in args.only]
+        args.skipped = [name for name in ("ingest", "growth", "retention") if name in args.only]
         if args.skipped:
             say(f"wrk not installed: apt-get install wrk; skipping {', '.join(args.skipped)}")
             args.only = [name for name in args.only if name not in args.skipped]
@@ -734,7 +739,7 @@ def main() -> int:
         for name, section in (("ingest", ingest), ("fanout", fanout), ("e2e", end_to_end), ("growth", growth),
                               ("reconcile", reconcile), ("digest", digest), ("pace", pace),
                               ("messages", messages),
-                              ("recording", recording_modes.section)):
+                              ("recording", recording_modes.section), ("retention", retention_section)):
             if name in args.only:
                 section(run)
     print_table(run)

@@ -55,6 +55,7 @@ def send_event(worker, row, started: float) -> None:
         """Mark deliveries (durably, before the next content goes out on their connection): the sent ones
         in one statement, each other outcome on its own; False once the lease is lost."""
         now, sent = worker.clock(), []
+        worker.beat()  # the round progresses: the liveness heartbeat stays fresh through a long fan-out
         for item, result in outcomes:
             delivery = by_id[item.delivery_id]
             if result.ok:

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 
@@ -18,6 +19,7 @@ from delivery.expand import expand
 from delivery.lease import LeaseKeeper
 from delivery.limits import Gate
 from delivery.reconcile import Reconciler
+from delivery.retention import Pruner
 from smtp_session import Pool
 from store import outbox
 from store.db import StateUnavailable
@@ -52,10 +54,13 @@ class Worker:
         self.thread: threading.Thread | None = None  # set by start()
         self.digest_on = digest.active(settings)
         self._snapshots_due = 0.0
+        self._beat_at = float("-inf")  # monotonic time of the last heartbeat (WORKER_HEARTBEAT_FILE)
+        self._beat_failed = False
         self.digests_paused_until = 0.0  # monotonic; the flush waits (digest off, template database down)
         # Its own WeCom client: a round runs in a thread of its own, beside this loop's listings.
         self.reconciler = Reconciler(settings, engine, reconcile_client or client, self.owner, metrics,
                                      stop=self.stop, on_announced=self.wakeup.set)
+        self.pruner = Pruner(settings, engine, self.owner, self.stop)  # RETENTION_DAYS, hourly, one process
 
     # -- loop ----------------------------------------------------------------------------------
 
@@ -72,6 +77,7 @@ class Worker:
         if self.thread is not None:
             self.thread.join(timeout=self.settings.smtp_timeout + 5)
         self.reconciler.join(timeout=5)  # a round in a slow WeCom call is not waited out: its lease ends by itself
+        self.pruner.join(timeout=5)  # stops after the batch in hand and releases its lease
         if self.smtp_pool is not None and (self.thread is None or not self.thread.is_alive()):
             self.smtp_pool.close()
 
@@ -79,11 +85,13 @@ class Worker:
         """Work until `stop` is set; a failure of one round is logged, never fatal."""
         log.info("delivery worker %s started", self.owner)
         while not self.stop.is_set():
+            self.beat()  # first: a round that fails on the database still turns the loop
             try:
                 ensure_schema(self.engine)  # a worker started before its database creates the tables
                 self.ensure_snapshots()
                 busy = self.run_once()
                 self.reconciler.tick(idle=not busy)  # a due round starts in its own thread, preferably when idle
+                self.pruner.tick()
             except (DBAPIError, StateUnavailable) as exc:
                 reason = exc.orig.__class__.__name__ if isinstance(exc, DBAPIError) else str(exc)
                 log.warning("state database error, retrying in %.0f s: %s", POLL_SECONDS * 4, reason)
@@ -100,6 +108,24 @@ class Worker:
         if self.smtp_pool is not None:
             self.smtp_pool.close()
         log.info("delivery worker %s stopped", self.owner)
+
+    def beat(self) -> None:
+        """Touch WORKER_HEARTBEAT_FILE (at most once a second): the loop, or a sending round, is turning.
+
+        Called at the top of every loop round, whatever the database does, and for each outcome a sending
+        round records (delivery/event_round.py): a long fan-out is progress, not a hang."""
+        path = self.settings.worker_heartbeat_file
+        now = time.monotonic()
+        if not path or now - self._beat_at < 1.0:
+            return
+        self._beat_at = now
+        try:
+            Path(path).touch()
+        except OSError as exc:
+            if not self._beat_failed:  # once: a liveness probe on this file will say the rest
+                log.warning("cannot touch WORKER_HEARTBEAT_FILE %s (%s): is its directory writable?", path,
+                            exc.strerror)
+            self._beat_failed = True
 
     def run_once(self) -> bool:
         """Process one due event, if any, then send the digests that are due; True when there was work."""

@@ -23,6 +23,13 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 LOCK_NAME = "wecom_mailer_schema"
 LOCK_WAIT_SECONDS = 120  # another process may be running a long ALTER TABLE
 
+
+
+class SchemaTooNew(StateUnavailable):
+    """The database is at a revision this release does not know: a newer release migrated it. Unusable
+    like an unreachable one (callbacks 503, /readyz 503); start-up refuses outright (app.py)."""
+
+
 _ready: weakref.WeakSet = weakref.WeakSet()  # engines whose schema this process has seen at head
 
 
@@ -45,9 +52,28 @@ def current_revision(engine: Engine) -> str | None:
         return MigrationContext.configure(conn).get_current_revision()
 
 
+@lru_cache(maxsize=1)
+def known_revisions() -> frozenset[str]:
+    """Every revision in store/migrations/versions."""
+    return frozenset(script.revision for script in ScriptDirectory.from_config(_config()).walk_revisions())
+
+
+def refuse_unknown(revision: str | None) -> None:
+    """Raise SchemaTooNew when `revision` is none of ours (one line naming both revisions, and the fix)."""
+    if revision is not None and revision not in known_revisions():
+        raise SchemaTooNew(
+            f"the state database is at schema revision {revision}, which this release does not know (its newest "
+            f"is {head_revision()}): a newer release has migrated it; run that release or a newer one, never "
+            "an older one, against this database")
+
+
 def upgrade(engine: Engine) -> str:
-    """Upgrade the state database to head (a no-op when it is there); return the revision it is at."""
-    if current_revision(engine) != head_revision():
+    """Upgrade the state database to head (a no-op when it is there); return the revision it is at.
+
+    Raises SchemaTooNew, touching nothing, when a newer release has migrated the database past our head."""
+    current = current_revision(engine)
+    refuse_unknown(current)
+    if current != head_revision():
         _upgrade_under_lock(engine)
     _ready.add(engine)
     return head_revision()
@@ -56,6 +82,7 @@ def upgrade(engine: Engine) -> str:
 def _upgrade_under_lock(engine: Engine) -> None:
     with _locked(engine) as conn:
         before = MigrationContext.configure(conn).get_current_revision()
+        refuse_unknown(before)  # a newer release may have upgraded it while we waited for the lock
         if before != head_revision():  # another process may have done it while we waited
             command.upgrade(_config(conn), "head")
             conn.commit()

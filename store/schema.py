@@ -380,3 +380,8 @@ template_versions = Table(  # every title/body saved through /admin/templates: w
 # --- Security round three (issue 24): the idle timeout of /admin sessions (migration 0012) ------------------
 # When the session was last used; NULL for a row opened before 0012 (its created_at stands in).
 admin_sessions.append_column(Column("last_seen_at", Double, nullable=True))
+
+
+# --- retention (RETENTION_DAYS, store/retention.py): old finished events are pruned in received order ------
+
+Index("ix_wm_events_received", events.c.received_at)

@@ -49,7 +49,7 @@ def test_check_against_a_working_setup_passes_every_line(service, service_env, t
     result = flask("check", env=service_env, cwd=tmp_path)
     lines = result.stdout.splitlines()
     assert result.returncode == 0, output(result)
-    assert len(lines) == 8 and all(line.startswith("✓ ") for line in lines), result.stdout
+    assert len(lines) == 9 and all(line.startswith("✓ ") for line in lines), result.stdout
     assert "reachable, schema revision" in lines[0]
     assert "a row for each of create_user, update_user, delete_user" in lines[1]
     assert lines[2] == "✓ WeCom gettoken: access token obtained"
@@ -59,6 +59,7 @@ def test_check_against_a_working_setup_passes_every_line(service, service_env, t
     assert lines[6].startswith("✓ bounces in the last 7 days: 0 hard, 0 soft, 0 sender blocked, 0 delayed, "
                                "0 unmatched; 0 address(es) suppressed")
     assert lines[7] == f"✓ department {DEPARTMENT}: 0 member(s) last mailed at a suppressed address"
+    assert lines[8].startswith("✓ retention: off (RETENTION_DAYS=0") and "wm_events 0 row(s)" in lines[8]
 
 
 def broken_check_env(tmp_path, api_base: str) -> dict[str, str]:
@@ -103,6 +104,7 @@ def test_check_counts_the_members_without_an_address(tmp_path):
         lines = result.stdout.splitlines()
         assert result.returncode == 1
         assert [line[0] for line in lines] == ["✓", "✓", "✓", "✗", "✗", "✓", "✓", "✓"]  # and 2 bounce lines
+        assert [line[0] for line in lines] == ["✓", "✓", "✓", "✗", "✗", "✓", "✓"]
         assert lines[3] == (f"✗ WeCom department {DEPARTMENT}: 5 member(s), 2 without an address under "
                             "EMAIL_SOURCES=wecom,directory,pattern (user0002, user0004) — import them with "
                             "`flask --app app import-addresses FILE.csv` or set EMAIL_PATTERN")

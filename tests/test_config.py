@@ -40,6 +40,8 @@ BAD = [
     ("TEMPLATE_TABLE", "x; drop table y", "TEMPLATE_TABLE must be a plain table name"),
     ("CALLBACK_PATH", "wecom", "CALLBACK_PATH must start with '/'"),
     ("LOG_FORMAT", "xml", "LOG_FORMAT must be one of text, json"),
+    ("RETENTION_DAYS", "-1", "RETENTION_DAYS must be between 0 and 36500 (got -1)"),
+    ("RETENTION_DAYS", "1.5", "RETENTION_DAYS must be a whole number"),
     ("DIGEST_WINDOW_SECONDS", "-5", "DIGEST_WINDOW_SECONDS must be between 0 and 604800 (got -5)"),
     ("DIGEST_WINDOW_SECONDS", "abc", "DIGEST_WINDOW_SECONDS must be a number"),
     ("QUIET_HOURS", "25:00-08:00", "QUIET_HOURS must be two times HH:MM-HH:MM"),

@@ -27,6 +27,8 @@ def base_env(**overrides) -> dict[str, str]:
         # One mail per event unless a test is about the digest (the seed's flow).
         "DIGEST_WINDOW_SECONDS": "0",
         "RECONCILE_SECONDS": "0",
+        # No pruning unless a test is about retention: many tests write rows dated long ago.
+        "RETENTION_DAYS": "0",
     }
     env.update({k: str(v) for k, v in overrides.items()})
     return env

@@ -17,11 +17,11 @@ from devtools.waiting import wait_until
 class Process:
     """One service process; `log` is what it printed so far."""
 
-    def __init__(self, args, env, log_path):
+    def __init__(self, args, env, log_path, cwd: Path = ROOT):
         self.log_path = Path(log_path)
         self._log = open(log_path, "ab")
         full_env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"), **env}
-        self.proc = subprocess.Popen(args, cwd=ROOT, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(args, cwd=cwd, env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
 
     @property
     def log(self) -> str:
@@ -49,23 +49,24 @@ class Launcher:
         self.directory = directory
         self.started: list[Process] = []
 
-    def gunicorn(self, env, workers: int = 1, port: int | None = None) -> tuple[Process, str]:
-        """`gunicorn 'app:create_app()'` on 127.0.0.1 (the repository's gunicorn.conf.py applies); its base URL."""
+    def gunicorn(self, env, workers: int = 1, port: int | None = None, cwd: Path = ROOT) -> tuple[Process, str]:
+        """`gunicorn 'app:create_app()'` on 127.0.0.1 (the repository's gunicorn.conf.py applies); its base URL.
+        `cwd`: another checkout of the service (an older release) to run instead."""
         port = port or free_port()
         args = [sys.executable, "-m", "gunicorn", "app:create_app()", "-b", f"127.0.0.1:{port}",
                 "--workers", str(workers), "--no-control-socket"]
-        process = self._start(args, env, f"gunicorn-{port}.log")
+        process = self._start(args, env, f"gunicorn-{port}.log", cwd)
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/healthz", process)
         return process, base
 
-    def worker(self, env, name: str = "worker") -> Process:
-        """`flask --app app worker`: delivery only."""
+    def worker(self, env, name: str = "worker", cwd: Path = ROOT) -> Process:
+        """`flask --app app worker`: delivery only (from `cwd`, another checkout, when given)."""
         return self._start([sys.executable, "-m", "flask", "--app", "app", "worker"], env,
-                           f"{name}-{len(self.started)}.log")
+                           f"{name}-{len(self.started)}.log", cwd)
 
-    def _start(self, args, env, log_name: str) -> Process:
-        process = Process(args, env, self.directory / log_name)
+    def _start(self, args, env, log_name: str, cwd: Path = ROOT) -> Process:
+        process = Process(args, env, self.directory / log_name, cwd)
         self.started.append(process)
         return process
 

@@ -36,6 +36,7 @@ class SmtpSink:
         self.connections = 0          # connections that said EHLO/HELO (a STARTTLS upgrade is not a new one)
         self.logins = 0               # successful AUTHs
         self.commands: list[str] = []  # MAIL and RCPT as they arrived, e.g. "RCPT user1@corp.example"
+        self.quits: list[str] = []  # the peer (host:port, as in X-Peer) of each connection that said QUIT
         self._mail_replies: list[str] = []
         self._drops = 0
         self._hangups: list[bool] = []  # per coming message: close after the reply (True: and stop listening)
@@ -204,6 +205,11 @@ class SmtpSink:
             if hangup:
                 loop.call_soon(self._controller.server.close)
         return "250 2.0.0 OK: queued"
+
+    async def handle_QUIT(self, server, session, envelope):
+        with self._changed:
+            self.quits.append(f"{session.peer[0]}:{session.peer[1]}")
+        return "221 Bye"
 
     def _authenticate(self, server, session, envelope, mechanism, auth_data):
         ok = (isinstance(auth_data, LoginPassword)
