@@ -10,7 +10,7 @@ from typing import Mapping
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # ConfigError and the token rules are the names callers know config by; envvars.py reads the values.
-from envvars import MIN_ADMIN_TOKEN, TOKEN_HOWTO, ConfigError, Reader  # noqa: F401
+from envvars import MIN_ADMIN_TOKEN, TOKEN_HOWTO, ConfigError, ImapUrl, Reader  # noqa: F401
 
 DEFAULT_API_BASE = "https://qyapi.weixin.qq.com/cgi-bin/"
 EMAIL_SOURCE_NAMES = ("wecom", "directory", "pattern")
@@ -72,6 +72,11 @@ class Settings:
     # The self-built app (自建应用), shared by WeCom application messages and WeCom sign-in.
     agent_id: int | None = None
     app_secret: str | None = field(default=None, repr=False)
+    # Bounce intake over IMAP (bounces/intake.py); the server's certificate is checked against SMTP_CA_FILE.
+    bounce_imap: ImapUrl | None = None  # BOUNCE_IMAP_URL
+    bounce_imap_password: str = field(default="", repr=False)
+    bounce_imap_done_folder: str | None = None
+    bounce_poll_seconds: float = 60.0
 
     @property
     def tz(self) -> ZoneInfo:
@@ -81,6 +86,7 @@ class Settings:
         """Every secret value, for masking in logs and error messages (database passwords included)."""
         values = [self.contact_secret, self.callback_token, self.callback_aes_key, self.smtp_password,
                   self.admin_token or "", self.secret_key or "", self.metrics_token or "", self.app_secret or "",
+                  self.bounce_imap_password,
                   *_passwords(self.database_url), *_passwords(self.template_database_url)]
         return [v for v in values if v]
 
@@ -136,6 +142,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
     api_base = r.text("WECOM_API_BASE", d["api_base"])
     if not re.match(r"^https?://", api_base):
         raise ConfigError("WECOM_API_BASE must be an http(s) URL, e.g. " + DEFAULT_API_BASE)
+    bounce_imap, bounce_imap_password, bounce_done = _bounce_imap(r)
     return Settings(
         corp_id=r.required("WECOM_CORP_ID", "copy 企业ID from 我的企业 > 企业信息"),
         contact_secret=r.required("WECOM_CONTACT_SECRET", "copy the Secret from 管理工具 > 通讯录同步"),
@@ -186,7 +193,25 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         log_format=r.choice("LOG_FORMAT", d["log_format"], ("text", "json")),
         agent_id=r.agent_id(),
         app_secret=r.secret("WECOM_APP_SECRET") or None,
+        bounce_imap=bounce_imap,
+        bounce_imap_password=bounce_imap_password,
+        bounce_imap_done_folder=bounce_done,
+        bounce_poll_seconds=r.number("BOUNCE_POLL_SECONDS", d["bounce_poll_seconds"], 0, 86400),
     )
+
+
+def _bounce_imap(r: Reader) -> tuple[ImapUrl | None, str, str | None]:
+    """BOUNCE_IMAP_URL, its password and the done folder, checked together."""
+    url = r.imap_url("BOUNCE_IMAP_URL")
+    password = r.secret("BOUNCE_IMAP_PASSWORD")
+    done = r.text("BOUNCE_IMAP_DONE_FOLDER", "") or None
+    if url is not None and not password:
+        raise ConfigError("BOUNCE_IMAP_PASSWORD is required when BOUNCE_IMAP_URL is set: set it, or "
+                          "BOUNCE_IMAP_PASSWORD_FILE=/run/secrets/bounce-imap-password")
+    if url is not None and done is not None and done == url.folder:
+        raise ConfigError(f"BOUNCE_IMAP_DONE_FOLDER is the polled folder itself ({done!r}): name another folder, "
+                          "e.g. Bounces/Processed, or unset it to only mark bounces \\Seen")
+    return url, password, done
 
 
 def _passwords(url: str) -> tuple[str, ...]:

@@ -265,3 +265,14 @@ audit_log = Table(  # append only: nothing in the service updates or deletes a r
     Index("ix_wm_audit_log_at", "at"),
     Index("ix_wm_audit_log_actor", "actor", "at"),
 )
+
+
+# --- bounce intake (BOUNCE_IMAP_URL): where the poll of the bounce mailbox stands (bounces/intake.py) --------
+
+bounce_mailbox = Table(  # one row per polled folder; the lease "bounce-intake" lets one process poll at a time
+    "wm_bounce_mailbox", metadata,
+    Column("folder", String(255), primary_key=True),  # user@host:port/FOLDER (never a password)
+    Column("uidvalidity", BigInteger, nullable=False),  # a new value: the UIDs were renumbered, rescan
+    Column("last_uid", BigInteger, nullable=False, default=0),  # every UID up to it has been processed
+    Column("updated_at", Double, nullable=False),
+)

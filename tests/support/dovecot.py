@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from bounces.imap import quote
 from devtools.ports import free_port
 from devtools.waiting import wait_until
 
@@ -181,8 +182,8 @@ service stats {{
         """Put one message into `folder` (created when missing)."""
         client = self.connect(address)
         try:
-            client.create(folder)  # NO [ALREADYEXISTS] when it is there
-            status, _ = client.append(folder, f"({flags})" if flags else None, None, raw)
+            client.create(quote(folder))  # NO [ALREADYEXISTS] when it is there
+            status, _ = client.append(quote(folder), f"({flags})" if flags else None, None, raw)
             assert status == "OK", f"APPEND refused: {status}"
         finally:
             client.logout()
@@ -191,7 +192,7 @@ service stats {{
         """UID → (flags, RFC822.SIZE) of every message in `folder`, read without changing anything."""
         client = self.connect(address)
         try:
-            status, _ = client.select(folder, readonly=True)
+            status, _ = client.select(quote(folder), readonly=True)
             if status != "OK":
                 return {}
             status, data = client.uid("FETCH", "1:*", "(FLAGS RFC822.SIZE)")
