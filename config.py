@@ -72,6 +72,9 @@ class Settings:
     # The self-built app (自建应用), shared by WeCom application messages and WeCom sign-in.
     agent_id: int | None = None
     app_secret: str | None = field(default=None, repr=False)
+    # Bounces (issue 20, docs/bounces.md): the VERP address and the soft-bounce limit.
+    bounce_address: str | None = None
+    bounce_soft_limit: int = 3
     # Bounce intake over IMAP (bounces/intake.py); the server's certificate is checked against SMTP_CA_FILE.
     bounce_imap: ImapUrl | None = None  # BOUNCE_IMAP_URL
     bounce_imap_password: str = field(default="", repr=False)
@@ -193,6 +196,8 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         log_format=r.choice("LOG_FORMAT", d["log_format"], ("text", "json")),
         agent_id=r.agent_id(),
         app_secret=r.secret("WECOM_APP_SECRET") or None,
+        bounce_address=r.bounce_address(),
+        bounce_soft_limit=r.int("BOUNCE_SOFT_LIMIT", d["bounce_soft_limit"], 1, 100),
         bounce_imap=bounce_imap,
         bounce_imap_password=bounce_imap_password,
         bounce_imap_done_folder=bounce_done,

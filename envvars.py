@@ -196,6 +196,19 @@ class Reader:
                               "copy it from 应用管理 > 自建应用 > the app")
         return int(value)
 
+    def bounce_address(self) -> str | None:
+        """BOUNCE_ADDRESS: a plain ASCII name@domain whose local part has no `+` (the VERP tag goes after one)."""
+        value = self.raw("BOUNCE_ADDRESS")
+        if not value:
+            return None
+        local, at, domain = value.rpartition("@")
+        if (not at or not re.fullmatch(r"[A-Za-z0-9._-]{1,40}", local)
+                or not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", domain) or "." not in domain):
+            raise ConfigError(f"BOUNCE_ADDRESS must be a plain address such as bounces@corp.example, its name part "
+                              f"letters, digits, '.', '_' or '-' and no '+' (got {value[:80]!r}); unset it to keep "
+                              "MAIL_FROM's address as the envelope sender")
+        return value
+
     def callback_token(self) -> str:
         token = self.required("WECOM_CALLBACK_TOKEN", "copy Token from the contact callback settings (接收事件服务器)")
         if not re.fullmatch(r"[A-Za-z0-9]{1,32}", token):

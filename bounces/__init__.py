@@ -1,0 +1,1 @@
+"""Reading what comes back: bounce reports matched to our deliveries, classified, and acted on."""

@@ -15,7 +15,9 @@ EVENT_STATUSES = ("pending", "sending", "held", "done", "failed", "skipped", "ig
 # Delivery status: pending → sent | retry → … | failed | skipped (no address); held → sent | failed in a
 # digest (wm_digests), which the digest flush sends, never the event round.
 DELIVERY_OPEN = ("pending", "retry")
-DELIVERY_STATUSES = ("pending", "retry", "held", "sent", "failed", "skipped")
+# `bounced`: accepted by the relay, then refused for good (a hard bounce, or a refusal at RCPT saying the
+# mailbox does not exist); its address is suppressed (store/suppressions.py).
+DELIVERY_STATUSES = ("pending", "retry", "held", "sent", "failed", "skipped", "bounced")
 # Digest status: collecting (held deliveries join it) → sending (leased) → sent | failed; a failed try goes
 # back to collecting; `merged` when its deliveries moved into an older digest of the same address.
 DIGEST_STATUSES = ("collecting", "sending", "sent", "failed", "merged")
@@ -66,6 +68,9 @@ deliveries = Table(
     Column("next_attempt_at", Double, nullable=False, default=0),
     Column("sent_at", Double),
     Column("digest_id", BigInteger),  # the digest that carries (or carried) it; NULL when sent on its own
+    # Which EMAIL_SOURCES source gave the address (wecom, directory, pattern): a bounced guess is never guessed
+    # again. NULL on rows written before bounces (issue 20).
+    Column("address_source", String(16)),
     UniqueConstraint("event_id", "address", name="uq_wm_deliveries_event_address"),
     Index("ix_wm_deliveries_status", "status", "next_attempt_at"),
     Index("ix_wm_deliveries_digest", "digest_id"),
@@ -264,6 +269,54 @@ audit_log = Table(  # append only: nothing in the service updates or deletes a r
     Column("detail", String(255), nullable=False, default=""),  # short, never a secret, never a whole body
     Index("ix_wm_audit_log_at", "at"),
     Index("ix_wm_audit_log_actor", "actor", "at"),
+)
+
+
+# --- bounces (issue 20, docs/bounces.md): suppressed addresses, soft-bounce counts, stored reports ---------
+
+BOUNCE_KINDS = ("hard", "soft", "sender_blocked", "ignored", "delayed", "unmatched")
+SUPPRESSION_SOURCES = ("bounce", "rcpt", "admin")
+
+suppressions = Table(  # an address here is not mailed until an admin removes it
+    "wm_suppressions", metadata,
+    Column("address", String(320), primary_key=True),  # lower case
+    Column("reason", String(1000), nullable=False),  # status and diagnostic: 5.1.1 <a@corp.example>: User unknown
+    Column("since", Double, nullable=False),
+    Column("source", String(16), nullable=False),  # bounce (a report), rcpt (refused at send time), admin
+    Column("delivery_id", BigInteger),  # the delivery whose bounce suppressed it
+)
+
+soft_bounces = Table(  # at most one per address per day (TIMEZONE): BOUNCE_SOFT_LIMIT within 7 days suppress
+    "wm_soft_bounces", metadata,
+    Column("address", String(320), primary_key=True),
+    Column("day", String(10), primary_key=True),  # YYYY-MM-DD
+    Column("at", Double, nullable=False),
+    Column("reason", String(1000), nullable=False, default=""),
+)
+
+bounce_reports = Table(  # every report once (keyed by its own Message-ID), matched or not, for the admin
+    "wm_bounce_reports", metadata,
+    Column("id", Id, primary_key=True, autoincrement=True),
+    Column("report_key", String(64), nullable=False),  # sha256 of the report's Message-ID (else of its bytes)
+    Column("received_at", Double, nullable=False),
+    Column("source", String(16), nullable=False),  # file, imap, rcpt, …
+    Column("kind", String(16), nullable=False),  # BOUNCE_KINDS
+    Column("delivery_id", BigInteger),
+    Column("digest_id", BigInteger),
+    Column("address", String(320)),  # the matched delivery's address
+    Column("reason", String(1000), nullable=False, default=""),
+    Column("subject", String(255), nullable=False, default=""),
+    Column("raw", LongText),  # the report as received, cut at 256 KB
+    UniqueConstraint("report_key", name="uq_wm_bounce_reports_key"),
+    Index("ix_wm_bounce_reports_kind", "kind", "received_at"),
+    Index("ix_wm_bounce_reports_at", "received_at"),
+)
+
+bad_guesses = Table(  # an EMAIL_PATTERN guess that bounced hard: never guessed again for that member
+    "wm_bad_guesses", metadata,
+    Column("userid", String(64), primary_key=True),  # lower case
+    Column("address", String(320), primary_key=True),  # lower case
+    Column("since", Double, nullable=False),
 )
 
 

@@ -45,6 +45,12 @@ BAD = [
     ("QUIET_HOURS", "25:00-08:00", "QUIET_HOURS must be two times HH:MM-HH:MM"),
     ("QUIET_HOURS", "22:00", "QUIET_HOURS must be two times HH:MM-HH:MM"),
     ("QUIET_HOURS", "08:00-08:00", "QUIET_HOURS starts and ends at the same time"),
+    # bounces (issue 20)
+    ("BOUNCE_ADDRESS", "bounces+x@corp.example", "BOUNCE_ADDRESS must be a plain address"),
+    ("BOUNCE_ADDRESS", "bounces", "BOUNCE_ADDRESS must be a plain address"),
+    ("BOUNCE_ADDRESS", "退信@corp.example", "BOUNCE_ADDRESS must be a plain address"),
+    ("BOUNCE_SOFT_LIMIT", "0", "BOUNCE_SOFT_LIMIT must be between 1 and 100"),
+    ("BOUNCE_SOFT_LIMIT", "many", "BOUNCE_SOFT_LIMIT must be a whole number"),
 ]
 
 
