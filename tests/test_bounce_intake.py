@@ -18,10 +18,9 @@ from store import leases, mailbox
 from store.db import make_engine
 from store.migrate import ensure_schema
 from support.cutting_proxy import CuttingProxy
-from support.dovecot import DOVECOT_HINT, PASSWORD, Dovecot, dovecot_binary
+from support.dovecot import PASSWORD, Dovecot, skip_without_mail_servers
 from support.env import base_env
 
-pytestmark = pytest.mark.skipif(dovecot_binary() is None, reason=DOVECOT_HINT)
 REPORTS = ("hard", "soft", "sender_blocked", "delayed", "unmatched")
 
 
@@ -67,6 +66,7 @@ def ca():
 
 @pytest.fixture
 def imap(ca):
+    skip_without_mail_servers()
     with Dovecot(ca) as server:
         yield server
 

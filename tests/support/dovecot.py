@@ -25,6 +25,20 @@ MAIL_UID = 65534  # nobody/nogroup: Dovecot refuses root as a mail user, Postfix
 PASSWORD = "imap-test-password"
 
 
+def skip_without_mail_servers(*, postfix: bool = False):
+    """Skip (fail under REQUIRE_MAIL_SERVERS=1, as .ci/run sets) when Dovecot, or Postfix, is not installed."""
+    import pytest
+
+    from support.postfix import POSTFIX_HINT, postfix_binary
+
+    missing = [hint for hint, found in ((DOVECOT_HINT, dovecot_binary()),
+                                        (POSTFIX_HINT, postfix_binary() if postfix else True)) if not found]
+    if missing:
+        if os.environ.get("REQUIRE_MAIL_SERVERS") == "1":
+            pytest.fail("REQUIRE_MAIL_SERVERS=1 but " + "; ".join(missing))
+        pytest.skip("; ".join(missing))
+
+
 def dovecot_binary() -> str | None:
     return shutil.which("dovecot") or shutil.which("dovecot", path="/usr/sbin:/usr/local/sbin")
 
