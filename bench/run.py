@@ -2,7 +2,7 @@
 
     python bench/run.py                 # every row at full size (a few minutes)
     python bench/run.py --quick         # smaller sizes, shorter loads
-    python bench/run.py --only fanout   # one or more of: ingest, fanout, e2e, growth, reconcile, digest, pace
+    python bench/run.py --only fanout   # one or more of: ingest, fanout, e2e, growth, reconcile, digest, pace, bounces
 """
 from __future__ import annotations
 
@@ -22,13 +22,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sqlalchemy as sa  # noqa: E402
 
 from bench import harness as h  # noqa: E402
+from bench.bounce_intake import bounces  # noqa: E402
 from bench.busy_ingest import SIZE as BUSY_SIZE, callbacks_during_fanout  # noqa: E402
 from bench.digest import digest  # noqa: E402
 from bench.pace import pace  # noqa: E402
 from bench.reconcile_round import reconcile  # noqa: E402
 from bench.sink import Sink  # noqa: E402
 
-SECTIONS = ("ingest", "fanout", "e2e", "growth", "reconcile", "digest", "pace")
+SECTIONS = ("ingest", "fanout", "e2e", "growth", "reconcile", "digest", "pace", "bounces")
 
 
 @dataclass
@@ -654,6 +655,7 @@ def main() -> int:
     parser.add_argument("--reconcile-event-size", type=int,
                         help="members of the department whose event arrives during a round (1,000)")
     parser.add_argument("--digest-sizes", help="comma list of department sizes for the digest's isolated rows")
+    parser.add_argument("--bounce-size", type=int, help="messages in the bounce mailbox (10,000; 2,000 with --quick)")
     args = parser.parse_args()
     overrides = {key: getattr(args, key) for key in ("fanout_sizes", "e2e_sizes", "growth_rows", "repeats",
                                                      "reconcile_size", "reconcile_event_size", "digest_sizes")}
@@ -692,7 +694,7 @@ def main() -> int:
     with Sink() as sink, WeComStandIn(h.CORP_ID, h.SECRET, {}) as standin:
         run = Run(args, sink, standin)
         for name, section in (("ingest", ingest), ("fanout", fanout), ("e2e", end_to_end), ("growth", growth),
-                              ("reconcile", reconcile), ("digest", digest), ("pace", pace)):
+                              ("reconcile", reconcile), ("digest", digest), ("pace", pace), ("bounces", bounces)):
             if name in args.only:
                 section(run)
     print_table(run)
