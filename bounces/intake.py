@@ -84,6 +84,9 @@ def poll(settings, engine, owner: str, *, handler=None, now: float | None = None
         deadline = time.monotonic() + (budget if budget is not None else hold * 0.8)
         read_folder(settings, engine, handler or default_handler(), report,
                     lambda: time.monotonic() > deadline or (stop is not None and stop.is_set()))
+    except BaseException as exc:  # a bug in the processing: logged by the caller; the position stays before it
+        report.error = report.error or f"{exc.__class__.__name__} while processing after UID {report.last_uid}"
+        raise
     finally:
         level = logging.WARNING if report.error else logging.INFO
         log.log(level, "%s", report.line())

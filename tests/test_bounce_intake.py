@@ -226,3 +226,35 @@ def test_one_process_at_a_time(imap, engine):
     assert leases.take_turn(engine, intake.LEASE, "other", 0, 60, time.time()).round is not None
     assert intake.poll(settings, engine, "me", handler=FakeHandler(), backlog=True) is None
     assert imap.snapshot()[1][0] == ()
+
+
+POSTFIX_DSN = (b"From: Mail Delivery System <MAILER-DAEMON@mx.corp.example>\r\nTo: it@corp.example\r\n"
+               b"Subject: Undelivered Mail Returned to Sender\r\nMessage-Id: <dsn-worker@mx.corp.example>\r\n"
+               b"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status; boundary=\"b1\"\r\n"
+               b"\r\n--b1\r\nContent-Type: text/plain\r\n\r\n<gone@corp.example>: unknown user\r\n"
+               b"\r\n--b1\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.corp.example\r\n\r\n"
+               b"Final-Recipient: rfc822; gone@corp.example\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+               b"Diagnostic-Code: X-Postfix; unknown user: \"gone@corp.example\"\r\n"
+               b"\r\n--b1\r\nContent-Type: text/rfc822-headers\r\n\r\nFrom: it@corp.example\r\n"
+               b"Message-ID: <not-ours@corp.example>\r\n\r\n--b1--\r\n")
+
+
+def test_the_delivery_worker_polls_the_mailbox_by_itself(imap, standin, tmp_path):
+    import app as app_module
+    import services
+    from devtools.waiting import wait_until
+
+    imap.append(b"From: colleague@corp.example\r\nTo: it@corp.example\r\nSubject: lunch\r\n"
+                b"Message-ID: <lunch@corp.example>\r\n\r\nNoodles at noon?\r\n")
+    imap.append(POSTFIX_DSN)  # a real-format report that names none of our deliveries: unmatched, still a report
+    env = base_env(**imap.env(BOUNCE_POLL_SECONDS="0.2"), WECOM_API_BASE=standin.api_base,
+                   DATABASE_URL=f"sqlite:///{tmp_path / 'state.db'}", MAIL_FILE_DIR=str(tmp_path / "out"))
+    parts = services.of(app_module.create_app(env))
+    worker = parts.make_worker(parts.settings)
+    worker.start()
+    try:
+        wait_until(lambda: imap.snapshot()[2][0] == (r"\Seen",), timeout=30, what="the worker's poll to mark the DSN")
+    finally:
+        worker.shutdown()
+    assert imap.snapshot()[1][0] == ()
+    assert mailbox.position(parts.engine, parts.settings.bounce_imap.key).last_uid == 2
