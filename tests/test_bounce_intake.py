@@ -258,3 +258,35 @@ def test_the_delivery_worker_polls_the_mailbox_by_itself(imap, standin, tmp_path
         worker.shutdown()
     assert imap.snapshot()[1][0] == ()
     assert mailbox.position(parts.engine, parts.settings.bounce_imap.key).last_uid == 2
+
+
+def test_a_server_without_starttls_never_sees_the_password(engine, tmp_path):
+    """imap:// must upgrade to TLS before logging in: a server that does not offer STARTTLS is refused."""
+    import socket
+    import threading
+
+    received = []
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"* OK [CAPABILITY IMAP4rev1 AUTH=PLAIN LOGIN] plain only\r\n")
+            conn.settimeout(5)
+            try:
+                while data := conn.recv(4096):
+                    received.append(data)
+                    tag = data.split(b" ", 1)[0]
+                    conn.sendall(tag + b" OK done\r\n")
+            except OSError:
+                pass
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    port = listener.getsockname()[1]
+    settings = config.from_env(base_env(BOUNCE_IMAP_URL=f"imap://bounces@127.0.0.1:{port}/INBOX",
+                                        BOUNCE_IMAP_PASSWORD="Never-On-The-Wire-42", SMTP_TIMEOUT_SECONDS="5"))
+    report = run(settings, engine, FakeHandler())
+    thread.join(10)
+    listener.close()
+    assert "does not offer STARTTLS" in report.error and "imaps://" in report.error
+    assert b"Never-On-The-Wire-42" not in b"".join(received)
