@@ -58,12 +58,14 @@ QUOTA = ((re.compile(r"\bMI:STC\b"), "NetEase: the day's sending quota is used u
 
 @dataclass(frozen=True)
 class Outgoing:
-    """One message to one recipient; `delivery_id` names it in logs and files (a delivery or a digest)."""
+    """One message to one recipient; `delivery_id` names it in logs and files (a delivery or a digest);
+    `tag` (bounces/tags.py) names it in its Message-ID, VERP envelope sender and DSN ENVID ('' = untagged)."""
     delivery_id: int
     address: str
     name: str
     subject: str
     body: str
+    tag: str = ""
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,12 @@ def address_problem(address: str) -> str | None:
     return f"invalid address {address!r}: expected name@domain"
 
 
+def message_id(item: Outgoing, domain: str) -> str:
+    """`<wm-<tag>@domain>` for a tagged item (a bounce that returns it names the delivery), else random.
+    An explicit domain also spares make_msgid a DNS lookup of this host's name."""
+    return f"<wm-{item.tag}@{domain}>" if item.tag else make_msgid(domain=domain)
+
+
 def build_message(settings: Settings, item: Outgoing) -> EmailMessage:
     """The member's message: From MAIL_FROM, To the member, UTF-8 subject and body, Date, Message-ID."""
     problem = address_problem(item.address)
@@ -117,8 +125,9 @@ def build_message(settings: Settings, item: Outgoing) -> EmailMessage:
     message["To"] = Address(display_name=header_text(item.name), addr_spec=item.address)
     message["Subject"] = header_text(item.subject)
     message["Date"] = format_datetime(datetime.now(settings.tz))
-    # An explicit domain also spares make_msgid a DNS lookup of this host's name.
-    message["Message-ID"] = make_msgid(domain=envelope_sender(settings).rpartition("@")[2] or "wecom-mailer.invalid")
+    message["Message-ID"] = message_id(item, envelope_sender(settings).rpartition("@")[2] or "wecom-mailer.invalid")
+    # RFC 3834: vacation responders stay quiet, and the mail says it is machine-sent.
+    message["Auto-Submitted"] = "auto-generated"
     message.set_content(item.body, charset="utf-8")
     return message
 
@@ -145,7 +154,7 @@ class Renderer:
                     del message[name]
                 shared = self._shared[(item.subject, item.body)] = message.as_bytes()
             return b"".join((self._to(item), b"Date: ", format_datetime(datetime.now(self.settings.tz)).encode(),
-                             b"\r\nMessage-ID: ", make_msgid(domain=self.domain).encode(), b"\r\n", shared))
+                             b"\r\nMessage-ID: ", message_id(item, self.domain).encode(), b"\r\n", shared))
         except (ValueError, UnicodeError) as exc:  # e.g. the email package's header encoder on odd subjects
             raise Unsendable(SendResult(ok=False, permanent=True, reason=(
                 f"message cannot be built ({exc.__class__.__name__}): check the template's email_title and "
@@ -214,6 +223,20 @@ def reply_text(value: bytes | str | BaseException) -> str:
 def envelope_sender(settings: Settings) -> str:
     """The envelope sender: the address in MAIL_FROM, which may be `Name <addr>`."""
     return parseaddr(settings.mail_from)[1] or settings.mail_from
+
+
+def return_path(settings: Settings, item: Outgoing) -> str:
+    """The envelope sender of `item`: BOUNCE_ADDRESS VERP-tagged (`bounces+<tag>@corp.example`) when set and
+    the item is tagged, else MAIL_FROM's address."""
+    if settings.bounce_address and item.tag:
+        local, _, domain = settings.bounce_address.rpartition("@")
+        return f"{local}+{item.tag}@{domain}"
+    return envelope_sender(settings)
+
+
+def xtext(value: str) -> str:
+    """RFC 3461 xtext: `+` and `=` (and anything outside ! to ~) as +XX."""
+    return "".join(c if 33 <= ord(c) <= 126 and c not in "+=" else f"+{ord(c):02X}" for c in value)
 
 
 def write_eml(directory: Path, item: Outgoing, message: bytes) -> SendResult:

@@ -40,6 +40,7 @@ class SmtpSession:
         self.tls_context = tls_context
         self.smtp: smtplib.SMTP | None = None
         self.pipelining = False
+        self.dsn = False  # RFC 3461 offered: MAIL FROM carries RET=HDRS ENVID=<tag>, RCPT TO an ORCPT
         self.dirty = False  # a refused transaction left state on the server: RSET before the next MAIL
         self.pending = False  # commands out whose replies are unread, or inside DATA: not at a clean boundary
         self.last_used = 0.0
@@ -50,6 +51,7 @@ class SmtpSession:
         """Connect, secure (SMTP_SECURITY) and log in (SMTP_USER); raises OSError with smtplib's detail."""
         self.smtp = connect(self.settings, self.tls_context)
         self.pipelining = self.settings.smtp_pipelining == "auto" and self.smtp.has_extn("pipelining")
+        self.dsn = self.smtp.has_extn("dsn")
         self.dirty = False
         self.last_used = time.monotonic()
 
@@ -209,7 +211,7 @@ class SmtpSession:
             self.dirty = False
         replies = []
         self.pending = True
-        for command in _envelope_lines(self.settings, item):
+        for command in _envelope_lines(self.settings, item, self.dsn):
             self._write(command)
             code, text = self._reply()
             replies.append((code, text))
@@ -228,7 +230,7 @@ class SmtpSession:
 
     def _commands(self, item) -> bytes:
         """The pipelined group for `item`: RSET first when a refused transaction is still open."""
-        return (b"RSET\r\n" if self.dirty else b"") + b"".join(_envelope_lines(self.settings, item))
+        return (b"RSET\r\n" if self.dirty else b"") + b"".join(_envelope_lines(self.settings, item, self.dsn))
 
     def _write(self, data: bytes) -> None:
         self.smtp.send(data)
@@ -254,10 +256,16 @@ class _Dropped(Exception):
         self.after_content, self.reason, self.nxt = after_content, reason, nxt
 
 
-def _envelope_lines(settings: Settings, item) -> list[bytes]:
-    sender = mailer.envelope_sender(settings)
-    return [f"MAIL FROM:<{sender}>\r\n".encode("ascii"), f"RCPT TO:<{item.address}>\r\n".encode("ascii"),
-            b"DATA\r\n"]
+def _envelope_lines(settings: Settings, item, dsn: bool = False) -> list[bytes]:
+    """MAIL FROM (VERP-tagged when BOUNCE_ADDRESS is set), RCPT TO and DATA; with DSN offered and a tagged
+    item, only headers come back in a bounce (RET=HDRS), with our tag (ENVID) and the address we sent to."""
+    sender = mailer.return_path(settings, item)
+    mail = f"MAIL FROM:<{sender}>"
+    rcpt = f"RCPT TO:<{item.address}>"
+    if dsn and item.tag:
+        mail += f" RET=HDRS ENVID={mailer.xtext(item.tag)}"
+        rcpt += f" ORCPT=rfc822;{mailer.xtext(item.address)}"
+    return [f"{mail}\r\n".encode("ascii"), f"{rcpt}\r\n".encode("ascii"), b"DATA\r\n"]
 
 
 def _content(message: bytes) -> bytes:

@@ -31,15 +31,17 @@ HARD_TEXT = re.compile(
     r"(address|account|mailbox|recipient) (does not exist|doesn't exist|not found|is disabled|has been disabled)|"
     r"invalid (recipient|mailbox)|"
     r"该用户不存在|用户不存在|收件人不存在|邮箱不存在|地址不存在|帐号不存在|账号不存在", re.I)
-SOFT_TEXT = re.compile(r"mailbox (is )?full|over quota|quota exceeded|exceeded (the )?storage|insufficient "
-                       r"(storage|space)|空间不足|邮箱已满|容量已满|超过.{0,6}容量", re.I)
+SOFT_TEXT = re.compile(r"mailbox (is )?full|over quota|(disk|mailbox|storage|user'?s?( disk)?) quota (exceeded|full)|"
+                       r"quota exceeded for|exceeded (the )?storage|insufficient (storage|space)|空间不足|邮箱已满|"
+                       r"容量已满|超过.{0,6}容量", re.I)
 SENDER_TEXT = re.compile(
     r"\bspf\b|\bdkim\b|\bdmarc\b|spam|junk mail|blacklist|blocklist|block list|black list|\brbl\b|dnsbl|"
     r"spamhaus|reputation|content (rejected|refused|denied)|inappropriate (words|content)|message (content )?(rejected|refused) (due to|because)|"
     r"rejected due to policy|policy (violation|rejection)|not authori[sz]ed to send|relay(ing)? (access )?"
     r"denied|垃圾邮件|被拦截|发信.{0,4}(受限|频率)|反垃圾", re.I)
-ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
-REPLY_CODE = re.compile(r"(?<![\d.])([45])\d\d(?![\d.])")
+ENHANCED = re.compile(r"(?<![\w.])([245])\.(\d{1,3})\.(\d{1,3})(?![\w.])")
+FAILURE = re.compile(r"(?<![\w.])([45])\.(\d{1,3})\.(\d{1,3})(?![\w.])")  # in free text: 2.0.13 is a version
+REPLY_CODE = re.compile(r"(?<![\w.(+-])([45])\d\d(?![\d.)]|-\d)")
 
 AUTO_REPLY_SUBJECT = re.compile(r"自动回复|自動回覆|休假|out of (the )?office|automatic reply|auto[- ]?reply|"
                                 r"^auto:|vacation|autoresponse", re.I)
@@ -69,7 +71,7 @@ def decide(status: str, diagnostic: str, action: str = "failed") -> tuple[str, s
     """(kind, reason) from an enhanced status (`5.1.1`, may be empty), the diagnostic text and the action."""
     diagnostic = " ".join(diagnostic.split())[:600]
     if not status:
-        found = ENHANCED.search(diagnostic)
+        found = FAILURE.search(diagnostic)
         status = ".".join(found.groups()) if found else ""
     if not status:
         code = REPLY_CODE.search(diagnostic)
@@ -78,11 +80,15 @@ def decide(status: str, diagnostic: str, action: str = "failed") -> tuple[str, s
     text = f"{status} {diagnostic}"
     if action.lower() == "delayed":
         return "delayed", reason
-    if any(p.search(diagnostic) for p, _ in THROTTLING + QUOTA):
+    if any(p.search(diagnostic) for p, _ in QUOTA):
+        return "sender_blocked", reason
+    if status.endswith(".2.2") or SOFT_TEXT.search(text):  # the mailbox is full: soft, whatever the class
+        return "soft", reason
+    if any(p.search(diagnostic) for p, _ in THROTTLING):
         return "sender_blocked", reason
     if status.startswith("5.7.") or status == "5.3.4" or SENDER_TEXT.search(diagnostic):
         return "sender_blocked", reason
-    if status.startswith("4.") or status.endswith(".2.2") or SOFT_TEXT.search(text):
+    if status.startswith("4."):
         return "soft", reason
     if HARD_STATUS.match(status) or HARD_TEXT.search(diagnostic):
         return "hard", reason
@@ -236,7 +242,7 @@ def _flufl(message: Message) -> tuple[list[str], list[str]]:
 def _diagnostic(text: str) -> str:
     """The line(s) of a bounce's text that say why: the first naming a status or a known cause."""
     lines = [" ".join(line.split()) for line in text.splitlines()]
-    for pattern in (ENHANCED, REPLY_CODE, HARD_TEXT, SOFT_TEXT, SENDER_TEXT):
+    for pattern in (FAILURE, REPLY_CODE, HARD_TEXT, SOFT_TEXT, SENDER_TEXT):
         for index, line in enumerate(lines):
             if line and pattern.search(line):
                 following = lines[index + 1] if index + 1 < len(lines) and lines[index + 1] else ""

@@ -10,7 +10,7 @@ from sqlalchemy.exc import DBAPIError
 
 import mailer
 import templates_repo
-from delivery import retry
+from delivery import bounce_rules, retry
 from delivery.digest_message import DIGEST, ChangeRenderer, compose
 from delivery.lease import LeaseKeeper
 from delivery.limits import next_day_start
@@ -85,6 +85,9 @@ def send_due(worker) -> bool:
 
 def _send(worker, claimed: list, templates: dict) -> None:
     settings, engine = worker.settings, worker.engine
+    claimed = bounce_rules.screen_digests(worker, claimed)
+    if not claimed:
+        return
     names = member_names(engine, settings.department_ids, {c.user_id for d in claimed for c in d.changes})
     render = ChangeRenderer(settings, templates, names)
     # A digest's mail is named after the first delivery it carries (log lines, MAIL_BACKEND=file names):
@@ -93,7 +96,7 @@ def _send(worker, claimed: list, templates: dict) -> None:
     for digest in claimed:
         message = compose(digest.changes, render, templates.get(DIGEST), settings.tz)
         item = mailer.Outgoing(digest.changes[0].delivery_id, digest.address, digest.changes[-1].name,
-                               message.subject, message.body)
+                               message.subject, message.body, bounce_rules.tag(worker, "g", digest.id))
         by_item[item.delivery_id] = (digest, message)
         items.append(item)
     finished: set[int] = set()
@@ -121,6 +124,8 @@ def _send(worker, claimed: list, templates: dict) -> None:
         if done is None:
             log.warning("digest %s: lease lost; another worker has it", digest.id)
             return False
+        if values["status"] == "failed":  # 550 5.1.1 at RCPT: every change it carried bounced
+            bounce_rules.after_refusal(worker, "g", digest.id, result)
         if message.problem:
             log.warning("digest %s: %s", digest.id, message.problem)
         for _ in done:

@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass, field
 
 import mailer
-from delivery import retry
+from delivery import bounce_rules, retry
 from delivery.limits import daily_limit_reason, next_day_start
 from delivery.sending import send_batch
 from store import outbox, recipients
@@ -43,8 +43,9 @@ def send_event(worker, row, started: float) -> None:
     settings, engine = worker.settings, worker.engine
     due = outbox.due_deliveries(engine, row.id, now=worker.clock())
     subject, body = outbox.event_message(engine, row.id)
-    by_id = {d.id: d for d in due}
     tally, marks = Tally(), outbox.DeliveryMarks(engine)
+    due = bounce_rules.screen(worker, due, marks) if due else due  # suppressed since the rows were written
+    by_id = {d.id: d for d in due}
     mailed: list[str] = []  # addresses sent to, whose digest window then runs from the end of the round
 
     def record(outcomes: list[tuple[mailer.Outgoing, mailer.SendResult]]) -> bool:
@@ -64,6 +65,8 @@ def send_event(worker, row, started: float) -> None:
             else:
                 values = retry.outcome(settings, result, delivery.attempts, delivery.first_attempt_at, now)
                 marks.mark(delivery.id, **values)
+                if values["status"] == "failed":  # 550 5.1.1 at RCPT: bounced and suppressed, as after a DSN
+                    bounce_rules.after_refusal(worker, "d", delivery.id, result)
             tally.add(values)
             if values["status"] == "sent" and worker.digest_on:
                 mailed.append(delivery.address)
@@ -73,7 +76,8 @@ def send_event(worker, row, started: float) -> None:
             marks.mark_sent(sent, now)
         return not worker.lease.lost.is_set()
 
-    items = [mailer.Outgoing(d.id, d.address, d.name, subject, body) for d in due]
+    items = [mailer.Outgoing(d.id, d.address, d.name, subject, body, bounce_rules.tag(worker, "d", d.id))
+             for d in due]
     halt = None
     try:
         if items:  # every recipient held for a digest: nothing to send, no connection to check

@@ -50,12 +50,13 @@ def expand(worker, row) -> bool:
     except templates_repo.RenderError as exc:
         return worker.finish(row, "failed", f"template error: {exc}")
     try:
-        resolved = addressbook.resolve(settings, worker.engine, members)
+        chosen = addressbook.choose(settings, worker.engine, members)
     except DBAPIError as exc:
         return worker.postpone(row, f"address book unavailable ({exc.orig.__class__.__name__})")
-    rows = [{"userid": member.userid[:64], "name": member.name[:255], "address": address,
-             "status": "pending" if address else "skipped", "reason": None if address else "no address"}
-            for member, address in resolved]
+    # Skipped with `no address` or `address suppressed: …` (the WeCom message fallback keys on both).
+    rows = [{"userid": c.member.userid[:64], "name": c.member.name[:255], "address": c.address,
+             "address_source": c.source, "status": "pending" if c.address else "skipped", "reason": c.reason}
+            for c in chosen]
     # With the digest on, each recipient's row goes at once or is held, decided in the same transaction.
     if not outbox.expand_event(worker.engine, row.id, worker.owner, subject, body, rows, now=worker.clock(),
                                hold=digest.hold_for(worker)):

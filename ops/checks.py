@@ -15,7 +15,7 @@ import smtp_session
 import templates_repo
 import wecom_api
 from delivery.limits import day_of, next_day_start
-from ops import report
+from ops import bounce_checks, report
 from store import addressbook, limits
 from store.db import StateUnavailable, safe_url
 from store.migrate import upgrade
@@ -41,6 +41,8 @@ def run_all(parts) -> list[tuple[bool, str]]:
                        (False, "reconciliation: not checked (needs the state database)"))
     results.append(smtp(settings))
     results.append(sending_limits(settings, engine if state_ok else None))
+    if state_ok:  # bounces (issue 20): what came back, the blocked sender, a wrong EMAIL_PATTERN
+        results.extend(bounce_checks.bounce_lines(engine, settings))
     return [(ok, config.mask(line, settings)) for ok, line in results]
 
 

@@ -14,7 +14,7 @@ from flask.cli import with_appcontext
 import services
 import templates_repo
 import wecom
-from ops import checks, report
+from ops import bounce_cli, checks, report
 from store import addressbook, outbox
 from store.migrate import upgrade
 
@@ -23,6 +23,7 @@ def init_app(app) -> None:
     """Register the commands on the app's CLI (`demo` comes from devtools/, outside the service)."""
     for command in (init_db, worker_command, simulate, check, status, retry, import_addresses):
         app.cli.add_command(command)
+    bounce_cli.init_app(app)  # bounces, suppressions
 
 
 def _services() -> services.Services:

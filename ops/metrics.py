@@ -12,10 +12,11 @@ import weakref
 
 import sqlalchemy as sa
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from sqlalchemy.exc import DBAPIError
 
-from store.schema import DELIVERY_OPEN, EVENT_OPEN, deliveries, digests, events
+from store.schema import (BOUNCE_KINDS, DELIVERY_OPEN, EVENT_OPEN, bounce_reports, deliveries, digests, events,
+                          suppressions)
 
 CALLBACKS = Counter("wecom_mailer_callbacks_total", "Callbacks answered, by outcome and reason",
                     ["outcome", "reason"])
@@ -117,7 +118,7 @@ class OutboxCollector:
             up.add_metric([], 0)
             yield up
             return
-        by_event, by_delivery, oldest, next_digest = counts
+        by_event, by_delivery, oldest, next_digest, bounces, suppressed = counts
         up.add_metric([], 1)
         yield up
         for name, rows in (("events", by_event), ("deliveries", by_delivery)):
@@ -136,6 +137,14 @@ class OutboxCollector:
         yield GaugeMetricFamily("wecom_mailer_oldest_open_event_seconds",
                                 "Age of the oldest event not yet finished (0 when none)",
                                 value=time.time() - oldest if oldest else 0)
+        # Bounces (issue 20): read from the stored reports, so every process says the same, across restarts.
+        total = CounterMetricFamily("wecom_mailer_bounces", "Bounce reports and refusals for good at send time, by "
+                                    "kind (hard, soft, sender_blocked, ignored, delayed, unmatched)", labels=["kind"])
+        for kind in BOUNCE_KINDS:
+            total.add_metric([kind], bounces.get(kind, 0))
+        yield total
+        yield GaugeMetricFamily("wecom_mailer_suppressed_addresses", "Addresses not mailed because they bounced",
+                                value=suppressed)
 
 
 class OutboxReading:
@@ -149,7 +158,7 @@ class OutboxReading:
 
     def get(self):
         """(events by status, deliveries by status, oldest open event's received_at, the next digest's due
-        time), or None: the database is down."""
+        time, bounce reports by kind, suppressed addresses), or None: the database is down."""
         with self._lock:  # one query at a time per process, however many scrapes arrive together
             if time.monotonic() - self._read_at >= GAUGE_SECONDS:
                 self._counts = self._query()
@@ -168,9 +177,12 @@ class OutboxReading:
                                       .where(events.c.status.in_(EVENT_OPEN))).scalar()
                 next_digest = conn.execute(sa.select(sa.func.min(digests.c.due_at))
                                            .where(digests.c.status == "collecting")).scalar()
+                bounces = dict(conn.execute(sa.select(bounce_reports.c.kind, sa.func.count())
+                                            .group_by(bounce_reports.c.kind)).all())
+                suppressed = conn.execute(sa.select(sa.func.count()).select_from(suppressions)).scalar()
         except DBAPIError:
             return None
-        return by_event, by_delivery, oldest, next_digest
+        return by_event, by_delivery, oldest, next_digest, bounces, suppressed
 
 
 _readings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

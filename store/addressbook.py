@@ -12,6 +12,7 @@ from sqlalchemy.engine import Engine
 
 from config import Settings
 from mailer import address_problem
+from store import suppressions
 from store.schema import address_book, insert_ignore
 from wecom_api import Member
 
@@ -111,21 +112,51 @@ def _lookup(conn, userids: list[str]) -> dict[str, str]:
     return found
 
 
-def resolve(settings: Settings, engine: Engine, members: list[Member]) -> list[tuple[Member, str | None]]:
-    """Each member with the first valid address along settings.email_sources, or None."""
+@dataclass(frozen=True)
+class Choice:
+    """A member's address and the EMAIL_SOURCES source it came from; or None with the reason (`no address`,
+    or `address suppressed: …` when every address found is suppressed or a guess that bounced)."""
+    member: Member
+    address: str | None
+    source: str | None
+    reason: str | None
+
+
+def choose(settings: Settings, engine: Engine, members: list[Member]) -> list[Choice]:
+    """Each member's first valid address along settings.email_sources that is not suppressed (a suppressed one
+    falls through to the next source) and, for `pattern`, not a guess that bounced for this member."""
     directory: dict[str, str] = {}
     if "directory" in settings.email_sources and members:
         with engine.connect() as conn:
             directory = _lookup(conn, list(dict.fromkeys(_key(m.userid) for m in members)))
     pattern = settings.email_pattern
-    resolved = []
+    listed = []
     for member in members:
         candidates = {
             "wecom": (member.email, member.biz_mail),
             "directory": (directory.get(_key(member.userid), ""),),
             "pattern": (pattern.replace("{userid}", member.userid) if pattern else "",),
         }
-        address = next((c.strip() for source in settings.email_sources for c in candidates[source]
-                        if c and address_problem(c.strip()) is None), None)
-        resolved.append((member, address))
-    return resolved
+        listed.append((member, [(source, c.strip()) for source in settings.email_sources for c in candidates[source]
+                                if c and address_problem(c.strip()) is None]))
+    blocked = suppressions.suppressed(engine, [a for _, found in listed for _, a in found]) if members else {}
+    bad = (suppressions.bad_guesses_of(engine, [m.userid for m, found in listed if any(s == "pattern" for s, _ in found)])
+           if pattern and "pattern" in settings.email_sources else set())
+    chosen = []
+    for member, found in listed:
+        choice, why = None, None
+        for source, address in found:
+            if source == "pattern" and (_key(member.userid), suppressions.normal(address)) in bad:
+                why = why or f"address suppressed: the EMAIL_PATTERN guess {address} bounced for this member"
+            elif suppressions.normal(address) in blocked:
+                why = why or suppressions.describe(*blocked[suppressions.normal(address)], settings.tz)
+            else:
+                choice = Choice(member, address, source, None)
+                break
+        chosen.append(choice or Choice(member, None, None, why or "no address"))
+    return chosen
+
+
+def resolve(settings: Settings, engine: Engine, members: list[Member]) -> list[tuple[Member, str | None]]:
+    """Each member with the first valid, unsuppressed address along settings.email_sources, or None."""
+    return [(c.member, c.address) for c in choose(settings, engine, members)]

@@ -71,6 +71,7 @@ def expand_event(engine: Engine, event_id: int, owner: str, subject: str, body: 
     now = time.time() if now is None else now
     for row in rows:
         row.setdefault("reason", None)
+        row.setdefault("address_source", None)
         row.update(event_id=event_id, attempts=0, next_attempt_at=0, digest_id=None)
         if row["status"] != "pending":
             row["first_attempt_at"] = now

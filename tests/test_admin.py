@@ -53,7 +53,8 @@ def delivery(engine, address):
 @pytest.fixture
 def failed_delivery(service, smtp_sink, crypto):
     """One create_user event whose delivery to user0003 failed with 550; the sink accepts it from now on."""
-    smtp_sink.reject("user0003@corp.example", "550 5.1.1 no such user")
+    # Not 5.1.1: a refusal saying the mailbox does not exist bounces and suppresses it (issue 20).
+    smtp_sink.reject("user0003@corp.example", "550 5.6.0 message refused")
     assert signed_post(service.test_client(), crypto, change()).data == b"success"
     service.drain()
     smtp_sink.reject("user0003@corp.example", "")  # an empty reply: accepted again
@@ -173,7 +174,7 @@ def test_event_page_shows_deliveries_with_reasons(service, failed_delivery):
     log_in(client)
     page = client.get(f"/admin/events/{failed_delivery.event_id}").get_data(as_text=True)
     row = re.search(rf'<tr id="delivery-{failed_delivery.id}" data-status="failed">.*?</tr>', page, re.S).group(0)
-    assert "user0003@corp.example" in row and "550 5.1.1 no such user" in row and "失败 failed" in row
+    assert "user0003@corp.example" in row and "550 5.6.0 message refused" in row and "失败 failed" in row
     assert "新增成员 ID：user0003" in page  # the message itself
     assert "重试 Retry" in page
 
@@ -206,7 +207,7 @@ def test_retry_with_csrf_requeues_the_failed_delivery_and_it_is_sent(service, fa
 def test_retry_all_failed_resends_the_failed_deliveries_of_every_event(service, smtp_sink, crypto):
     refused = {"create_user": "user0003@corp.example", "update_user": "user0004@corp.example"}
     for change_type, address in refused.items():  # two events, each with one delivery refused for good
-        smtp_sink.reject(address, "550 5.1.1 no such user")
+        smtp_sink.reject(address, "550 5.6.0 message refused")
         assert signed_post(service.test_client(), crypto, change(change_type)).data == b"success"
         service.drain()
         smtp_sink.reject(address, "")  # an empty reply: accepted again

@@ -62,6 +62,6 @@ def test_check_prints_the_warnings_after_the_checks_and_still_passes(service, se
                             capture_output=True, text=True, timeout=60)
     lines = result.stdout.splitlines()
     assert result.returncode == 0, result.stdout + result.stderr  # a warning is not a failed check
-    assert [line[0] for line in lines] == ["✓"] * 6 + ["⚠"] * 2, lines
-    assert lines[6].startswith("⚠ ADMIN_COOKIE_SECURE=false") and lines[7].startswith("⚠ BIND=0.0.0.0:8000")
+    assert [line[0] for line in lines] == ["✓"] * 8 + ["⚠"] * 2, lines  # 6 checks and 2 bounce lines (issue 20)
+    assert lines[8].startswith("⚠ ADMIN_COOKIE_SECURE=false") and lines[9].startswith("⚠ BIND=0.0.0.0:8000")
     assert ADMIN_TOKEN not in result.stdout + result.stderr

@@ -49,13 +49,16 @@ def test_check_against_a_working_setup_passes_every_line(service, service_env, t
     result = flask("check", env=service_env, cwd=tmp_path)
     lines = result.stdout.splitlines()
     assert result.returncode == 0, output(result)
-    assert len(lines) == 6 and all(line.startswith("✓ ") for line in lines), result.stdout
+    assert len(lines) == 8 and all(line.startswith("✓ ") for line in lines), result.stdout
     assert "reachable, schema revision" in lines[0]
     assert "a row for each of create_user, update_user, delete_user" in lines[1]
     assert lines[2] == "✓ WeCom gettoken: access token obtained"
     assert lines[3] == f"✓ WeCom department {DEPARTMENT}: 5 member(s), every one with an address"
     assert lines[4].startswith("✓ SMTP 127.0.0.1:") and "no TLS" in lines[4]
     assert lines[5].startswith("✓ sending limits: none (set SMTP_MAX_PER_MINUTE / SMTP_MAX_PER_DAY")
+    assert lines[6].startswith("✓ bounces in the last 7 days: 0 hard, 0 soft, 0 sender blocked, 0 delayed, "
+                               "0 unmatched; 0 address(es) suppressed")
+    assert lines[7] == f"✓ department {DEPARTMENT}: 0 member(s) last mailed at a suppressed address"
 
 
 def broken_check_env(tmp_path, api_base: str) -> dict[str, str]:

@@ -179,7 +179,7 @@ def test_smtp_451_is_retried_and_delivered_once(service, smtp_sink, crypto):
 
 
 def test_smtp_550_fails_that_recipient_only(service, smtp_sink, crypto):
-    smtp_sink.reject("user0002@corp.example", "550 5.1.1 no such user")
+    smtp_sink.reject("user0002@corp.example", "550 5.6.0 message refused")  # 5.1.1 bounces (test_bounces.py)
     signed_post(service.test_client(), crypto, change("create_user"))
     service.drain()
     rows = {r.userid: r for r in delivery_rows(service.engine)}

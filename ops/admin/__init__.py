@@ -1,8 +1,8 @@
-"""/admin for the IT team: one blueprint, one module per page family (auth, pages, templates)."""
+"""/admin for the IT team: one blueprint, one module per page family (auth, pages, templates, suppressions)."""
 from __future__ import annotations
 
 import services
-from ops.admin import auth, pages, templates  # noqa: F401  (each registers its routes on the blueprint)
+from ops.admin import auth, pages, suppressions, templates  # noqa: F401  (each registers its routes on the blueprint)
 from ops.admin.blueprint import bp
 
 

@@ -60,7 +60,7 @@ def failed_event(processes, service_env, smtp_sink, crypto):
     settings = config.from_env(env)
     engine = db.make_engine(settings.database_url)
     templates_repo.seed_templates(engine, settings.template_table, settings.template_app)
-    smtp_sink.reject(REJECTED, "550 5.1.1 no such user")
+    smtp_sink.reject(REJECTED, "550 5.6.0 message refused")  # 5.1.1 would bounce and suppress it
     _, base = processes.gunicorn(env)
     xml = wecom.event_xml("create_user", "user0003", TEST_CORP_ID, str(DEPARTMENT), create_time=1700000000)
     packet = crypto.encrypt(xml)
@@ -112,7 +112,7 @@ def test_log_in_see_the_failed_delivery_retry_it_and_see_it_sent(browser, failed
         delivery_row = page.locator(f"#delivery-{delivery_id}")
         expect(delivery_row).to_have_attribute("data-status", "failed")
         expect(delivery_row).to_contain_text(REJECTED)
-        expect(delivery_row).to_contain_text("550 5.1.1 no such user")
+        expect(delivery_row).to_contain_text("550 5.6.0 message refused")
         page.screenshot(path=tmp_path / "admin-event-failed.png", full_page=True)
 
         page.get_by_role("button", name="重试 Retry").click()
