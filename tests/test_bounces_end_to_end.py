@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 
 import pytest
 import sqlalchemy as sa
@@ -18,12 +19,13 @@ import trustme
 import app as app_module
 import services
 import templates_repo
-from bounces import intake
+from bounces import handle, intake
 from devtools.waiting import wait_until
 from devtools.wecom_standin import make_members
 from store import suppressions
-from store.schema import bounce_reports, deliveries
-from support import DEPARTMENT, TEST_CORP_ID, base_env, signed_post
+from store.schema import bounce_reports, deliveries, soft_bounces
+from support import DEPARTMENT, ROOT, TEST_CORP_ID, base_env, signed_post
+from support.cutting_proxy import CuttingProxy
 from support.dovecot import Dovecot, skip_without_mail_servers
 from support.postfix import Postfix
 from support.smtp_server import SmtpSink
@@ -48,14 +50,29 @@ def mail(ca):
         yield dataclasses.make_dataclass("Mail", ["dovecot", "postfix", "qq"])(dovecot, postfix, qq)
 
 
-def make_service(mail, standin, mysql_url, third_member: str, **env):
+@pytest.fixture
+def make_service(standin, mysql_url):
+    """make_service(mail, third_member, **env): the service (below); its engines are closed after the test."""
+    made = []
+
+    def make(mail, third_member: str, **env):
+        made.append(build_service(mail, standin, mysql_url, third_member, **env))
+        return made[-1]
+    yield make
+    for service in made:
+        service.parts.engine.dispose()
+        service.parts.template_engine.dispose()
+
+
+def build_service(mail, standin, mysql_url, third_member: str, **env):
     """The service on MariaDB, sending through the Postfix, reading the Dovecot mailbox; department 2 has
     user0001, user0002 (real mailboxes) and user0003 at `third_member`."""
     members = make_members(3, DEPARTMENT, domain="corp.test")  # user0003 is the one that bounces
     members[2]["email"] = third_member
     standin.set_members(DEPARTMENT, members)
-    values = base_env(WECOM_API_BASE=standin.api_base, DATABASE_URL=mysql_url, RETRY_BACKOFF_SECONDS="0.05",
-                      BOUNCE_POLL_SECONDS="0", **mail.postfix.env(), **mail.dovecot.env(), **env)
+    values = base_env(**{"WECOM_API_BASE": standin.api_base, "DATABASE_URL": mysql_url,
+                         "RETRY_BACKOFF_SECONDS": "0.05", "BOUNCE_POLL_SECONDS": "0", **mail.postfix.env(),
+                         **mail.dovecot.env(), **env})
     flask_app = app_module.create_app(values)
     parts = services.of(flask_app)
     templates_repo.seed_templates(parts.template_engine, parts.settings.template_table, parts.settings.template_app)
@@ -67,10 +84,14 @@ def make_service(mail, standin, mysql_url, third_member: str, **env):
 def drain(service, rounds: int = 200):
     worker = service.parts.make_worker(service.parts.settings)
     worker.ensure_snapshots()
-    for _ in range(rounds):
-        if not worker.run_once():
-            return
-    raise AssertionError(f"worker still busy after {rounds} rounds")
+    try:
+        for _ in range(rounds):
+            if not worker.run_once():
+                return
+        raise AssertionError(f"worker still busy after {rounds} rounds")
+    finally:
+        if worker.smtp_pool is not None:
+            worker.smtp_pool.close()
 
 
 def post_change(service, crypto, change_type: str, n: int) -> None:
@@ -101,11 +122,10 @@ def attempts_to(postfix, address: str) -> int:
 
 
 @pytest.mark.parametrize("verp", [True, False], ids=["verp", "returned-headers"])
-def test_a_dsn_from_postfix_bounces_the_delivery_and_suppresses_the_address(mail, standin, mysql_url, crypto,
-                                                                             verp):
+def test_a_dsn_from_postfix_bounces_the_delivery_and_suppresses_the_address(mail, make_service, crypto, verp):
     env = {"BOUNCE_ADDRESS": "bounces@bounce.test", "MAIL_FROM": "it@bounce.test"} if verp else \
         {"MAIL_FROM": "bounces@bounce.test"}
-    service = make_service(mail, standin, mysql_url, "user0003@corp.test", **env)
+    service = make_service(mail, "user0003@corp.test", **env)
     engine = service.parts.engine
     post_change(service, crypto, "create_user", 1)
     report = poll(service, 1, mail)
@@ -126,8 +146,8 @@ def test_a_dsn_from_postfix_bounces_the_delivery_and_suppresses_the_address(mail
     assert poll(service, 1, mail).seen == 0  # the second event bounced nothing
 
 
-def test_a_refusal_at_rcpt_ends_as_a_dsn_does(mail, standin, mysql_url, crypto):
-    service = make_service(mail, standin, mysql_url, "user0003@refused.test", MAIL_FROM="bounces@bounce.test")
+def test_a_refusal_at_rcpt_ends_as_a_dsn_does(mail, make_service, crypto):
+    service = make_service(mail, "user0003@refused.test", MAIL_FROM="bounces@bounce.test")
     engine = service.parts.engine
     post_change(service, crypto, "create_user", 1)
     (refused,) = deliveries_to(engine)
@@ -139,8 +159,8 @@ def test_a_refusal_at_rcpt_ends_as_a_dsn_does(mail, standin, mysql_url, crypto):
     assert mail.postfix.delivered("bounces@bounce.test") == []  # refused at RCPT: no DSN was written
 
 
-def test_qq_throttling_relayed_as_a_dsn_suppresses_nobody(mail, standin, mysql_url, crypto):
-    service = make_service(mail, standin, mysql_url, "user0004@qq.test", BOUNCE_ADDRESS="bounces@bounce.test",
+def test_qq_throttling_relayed_as_a_dsn_suppresses_nobody(mail, make_service, crypto):
+    service = make_service(mail, "user0004@qq.test", BOUNCE_ADDRESS="bounces@bounce.test",
                            MAIL_FROM="it@bounce.test")
     engine = service.parts.engine
     post_change(service, crypto, "create_user", 1)
@@ -154,3 +174,66 @@ def test_qq_throttling_relayed_as_a_dsn_suppresses_nobody(mail, standin, mysql_u
     with engine.connect() as conn:
         kinds = conn.execute(sa.select(bounce_reports.c.kind)).scalars().all()
     assert kinds == ["sender_blocked"]
+    from ops.bounce_checks import bounce_lines
+
+    warnings = [line for ok, line in bounce_lines(engine, service.parts.settings) if not ok]
+    assert any(line.startswith("sender blocked: 1 report(s)") and "frequency limited" in line for line in warnings), \
+        warnings  # what `check` prints (and /admin's banner shows)
+
+
+CORPUS = ROOT / "tests" / "data" / "bounces"
+
+
+def test_a_full_mailbox_bounce_survives_a_dropped_link_and_a_restart_counted_once(ca, make_service, crypto,
+                                                                                     monkeypatch):
+    """Postfix gives up on `452 4.2.2 Mailbox full` at once (maximal_queue_lifetime = 0) and returns the real
+    soft DSN into a mailbox that already holds ordinary mail and auto-replies. The first poll loses its link
+    mid-fetch, the second dies before flagging the DSN; the third finishes. The soft bounce counts once; the
+    other mail is exactly as it was."""
+    skip_without_mail_servers(postfix=True)
+    monkeypatch.setattr(intake, "BATCH_MESSAGES", 2)
+    with SmtpSink() as remote, Dovecot(ca) as dovecot, \
+            Postfix(dovecot, mailboxes=GOOD, relays={"qq.test": remote.port}, maximal_queue_lifetime="0") as postfix, \
+            CuttingProxy(("127.0.0.1", dovecot.port)) as proxy:
+        remote.reject("full@qq.test", "452 4.2.2 Mailbox full")
+        mail = dataclasses.make_dataclass("Mail", ["dovecot", "postfix", "qq"])(dovecot, postfix, remote)
+        others = [CORPUS / "ordinary.eml", CORPUS / "auto-reply-zh.eml"] * 3
+        for path in others:
+            raw = path.read_bytes()
+            dovecot.append(raw.replace(b"\n\n", b"\n\n" + b"padding line\n" * 3000, 1))  # ~40 KB each
+        dovecot.append(others[0].read_bytes(), flags=r"\Flagged")
+        before = dovecot.snapshot()
+        service = make_service(mail, "full@qq.test", BOUNCE_ADDRESS="bounces@bounce.test",
+                               MAIL_FROM="it@bounce.test",
+                               BOUNCE_IMAP_URL=f"imap://bounces@bounce.test@127.0.0.1:{proxy.port}/INBOX")
+        engine, settings = service.parts.engine, service.parts.settings
+        post_change(service, crypto, "create_user", 1)
+        wait_until(lambda: len(postfix.delivered("bounces@bounce.test")) == len(before) + 1, timeout=30,
+                   what=f"the soft DSN\n{postfix.log[-3000:]}")
+
+        proxy.cut_after(120_000)  # in the second batch's bodies (each batch is ~80 KB)
+        first = intake.poll(settings, engine, "first", backlog=True)
+        assert proxy.cuts == 1 and first.error and "broke" in first.error and 0 < first.last_uid < 8, first
+
+        class Killed(BaseException):
+            pass
+
+        def dies_after_the_dsn(engine_, settings_, raw, *, source="file"):
+            outcome = handle.process_message(engine_, settings_, raw, source=source)
+            if outcome.is_bounce:
+                raise Killed  # processed and stored, not yet flagged, position not moved past it
+            return outcome
+        with pytest.raises(Killed):
+            intake.poll(settings, engine, "second", handler=dies_after_the_dsn, backlog=True,
+                        now=time.time() + 3600)  # the first one's lease has run out
+        third = intake.poll(settings, engine, "third", backlog=True, now=time.time() + 7200)
+        assert third.error is None and third.duplicates == 1 and third.kinds["soft"] == 1, third  # read again, known
+        after = dovecot.snapshot()
+
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(bounce_reports.c.kind)).scalars().all() == ["soft"]
+        assert conn.execute(sa.select(soft_bounces.c.address)).scalars().all() == ["full@qq.test"]
+    assert suppressions.suppressed(engine, ["full@qq.test"]) == {}  # one soft bounce is below BOUNCE_SOFT_LIMIT
+    dsn_uid = max(after)
+    assert {uid: after[uid] for uid in before} == before, "ordinary mail or an auto-reply was altered"
+    assert after[dsn_uid][0] == (r"\Seen",)

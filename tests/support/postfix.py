@@ -56,12 +56,13 @@ def postfix_binary() -> str | None:
 class Postfix:
     """`with Postfix(dovecot, mailboxes=[...], relays={"qq.test": port}) as mta:` send to 127.0.0.1:mta.port."""
 
-    def __init__(self, dovecot, mailboxes=(), relays: dict[str, int] | None = None):
+    def __init__(self, dovecot, mailboxes=(), relays: dict[str, int] | None = None, **main_cf: str):
         self.directory = private_directory("wm-postfix-")
         self.port = free_port()
         self.dovecot = dovecot
         self.mailboxes = tuple(dict.fromkeys((*dovecot.users, *mailboxes)))
         self.relays = dict(relays or {})
+        self.main_cf = main_cf  # more main.cf settings, e.g. maximal_queue_lifetime="0" (a 4xx bounces at once)
 
     def _write_config(self) -> None:
         d = self.directory
@@ -119,7 +120,7 @@ maximal_backoff_time = 2s
 delay_warning_time = 0
 biff = no
 smtputf8_enable = no
-""")
+""" + "".join(f"{name} = {value}\n" for name, value in self.main_cf.items()))
         (d / "master.cf").write_text(MASTER_CF.format(listen=f"127.0.0.1:{self.port}"))
 
     def _postfix(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
