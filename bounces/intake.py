@@ -31,6 +31,7 @@ MAX_WINDOW = 25_000  # widened over runs of expunged UIDs, at most this far (the
 BATCH_BYTES = 2 * 1024 * 1024  # bodies fetched per round trip (bounded memory)
 BATCH_MESSAGES = 100
 MAX_MESSAGE_BYTES = 1024 * 1024  # larger: read only this far (never loaded whole), logged, counted as `large`
+LEASE_HOLD_SECONDS = 120.0  # a poll ends its turn after 80 % of this; a backlog goes on in the next one at once
 PROGRESS_EVERY = 1000  # a progress line every this many messages in one poll
 
 
@@ -74,7 +75,7 @@ def poll(settings, engine, owner: str, *, handler=None, now: float | None = None
     """One poll of the bounce mailbox if it is due and no other process has the lease (None otherwise)."""
     now = time.time() if now is None else now
     interval = 0 if backlog else settings.bounce_poll_seconds
-    hold = max(settings.bounce_poll_seconds, settings.lease_seconds, 60.0)
+    hold = max(settings.lease_seconds, LEASE_HOLD_SECONDS)  # not the interval: a dead poller blocks no day long
     turn = leases.take_turn(engine, LEASE, owner, interval, hold, now)
     if turn.round is None:
         return None
