@@ -136,9 +136,10 @@ class Mailbox:
 
     # -- reading -----------------------------------------------------------------------------------
 
-    def select(self, folder: str) -> Selected:
-        """SELECT `folder` (read-write: processed bounces get flags); its UIDVALIDITY, UIDNEXT and size."""
-        data = self._call(f"SELECT {folder}", self.client.select, quote(folder))
+    def select(self, folder: str, readonly: bool = False) -> Selected:
+        """SELECT `folder` (read-write: processed bounces get flags; `readonly`: EXAMINE, which changes
+        nothing); its UIDVALIDITY, UIDNEXT and size."""
+        data = self._call(f"SELECT {folder}", self.client.select, quote(folder), readonly)
         responses = self.client.untagged_responses
         validity = responses.get("UIDVALIDITY", [None])[-1]
         uidnext = responses.get("UIDNEXT", [None])[-1]

@@ -15,6 +15,7 @@ import smtp_session
 import templates_repo
 import wecom_api
 from delivery.limits import day_of, next_day_start
+from bounces.mailbox_check import mailbox_line
 from ops import bounce_checks, report
 from store import addressbook, limits
 from store.db import StateUnavailable, safe_url
@@ -43,6 +44,8 @@ def run_all(parts) -> list[tuple[bool, str]]:
     results.append(sending_limits(settings, engine if state_ok else None))
     if state_ok:  # bounces (issue 20): what came back, the blocked sender, a wrong EMAIL_PATTERN
         results.extend(bounce_checks.bounce_lines(engine, settings))
+    if settings.bounce_imap is not None:  # the mailbox they arrive in (BOUNCE_IMAP_URL), read-only
+        results.append(mailbox_line(settings, engine if state_ok else None))
     return [(ok, config.mask(line, settings)) for ok, line in results]
 
 

@@ -290,3 +290,20 @@ def test_a_server_without_starttls_never_sees_the_password(engine, tmp_path):
     listener.close()
     assert "does not offer STARTTLS" in report.error and "imaps://" in report.error
     assert b"Never-On-The-Wire-42" not in b"".join(received)
+
+
+def test_check_says_where_the_poll_stands_and_changes_nothing(imap, engine):
+    from bounces.mailbox_check import mailbox_line
+
+    imap.append(message(1, "hard"))
+    imap.append(message(2, "ignored"))
+    settings = settings_for(imap, BOUNCE_IMAP_DONE_FOLDER="Done")
+    ok, line = mailbox_line(settings, engine)
+    assert ok and "2 message(s)" in line and "not read yet" in line and "moved to Done" in line, line
+    assert [flags for flags, _ in imap.snapshot().values()] == [(), ()]  # EXAMINE: nothing changed
+    run(settings, engine, FakeHandler())
+    ok, line = mailbox_line(settings, engine)
+    assert ok and "read up to UID 2 of 2" in line and "last poll" in line and "ok: 2 message(s)" in line, line
+    wrong = config.from_env(base_env(**{**imap.env(), "BOUNCE_IMAP_PASSWORD": "Wrong-Secret-1234"}))
+    ok, line = mailbox_line(wrong, engine)
+    assert not ok and "refused the login" in line and "Wrong-Secret-1234" not in line
