@@ -307,3 +307,15 @@ def test_check_says_where_the_poll_stands_and_changes_nothing(imap, engine):
     wrong = config.from_env(base_env(**{**imap.env(), "BOUNCE_IMAP_PASSWORD": "Wrong-Secret-1234"}))
     ok, line = mailbox_line(wrong, engine)
     assert not ok and "refused the login" in line and "Wrong-Secret-1234" not in line
+
+
+def test_a_server_that_never_answers_times_out(engine):
+    """Every socket operation is bounded by SMTP_TIMEOUT_SECONDS: a silent server ends the poll, named."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # accepts (the kernel's backlog), never speaks
+        port = silent.getsockname()[1]
+        settings = config.from_env(base_env(BOUNCE_IMAP_URL=f"imaps://bounces@127.0.0.1:{port}/INBOX",
+                                            BOUNCE_IMAP_PASSWORD="pw", SMTP_TIMEOUT_SECONDS="1"))
+        report = run(settings, engine, FakeHandler())
+        assert "cannot reach the IMAP server" in report.error and "timed out" in report.error, report.error
