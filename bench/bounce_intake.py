@@ -17,7 +17,6 @@ import json
 import os
 import random
 import resource
-import shutil
 import subprocess
 import sys
 import time
@@ -37,7 +36,7 @@ def say(text: str) -> None:
 def bounces(run) -> None:
     """Rows: messages/s of the floor and of the service on the same folder, and each one's peak RSS."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from support.dovecot import Dovecot, PASSWORD, dovecot_binary
+    from support.dovecot import Dovecot, dovecot_binary
 
     if dovecot_binary() is None:
         say("dovecot not installed: apt-get install --no-install-recommends dovecot-imapd; skipping bounces")
@@ -98,9 +97,9 @@ def fill(imap, size: int) -> dict[str, int]:
                    f"Message-ID: <plain{n}@corp.example>\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
                    + padding * rng.randint(5, 60)).encode()
         (maildir / f"{1700000000 + n}.M{n}P1.bench").write_bytes(raw)
-    from support.dovecot import _chown_tree
+    from support.dovecot import chown_mail_tree
 
-    _chown_tree(imap.mail_root)
+    chown_mail_tree(imap.mail_root)
     return counts
 
 

@@ -86,7 +86,7 @@ class Dovecot:
                 (home / "Maildir" / part).mkdir(parents=True, exist_ok=True)
             lines.append(f"{address}:{{PLAIN}}{PASSWORD}:{MAIL_UID}:{MAIL_UID}::{home}::")
         (d / "users").write_text("\n".join(lines) + "\n")
-        _chown_tree(self.mail_root)
+        chown_mail_tree(self.mail_root)
         conf = d / "dovecot.conf"
         conf.write_text(f"""
 base_dir = {d}/run
@@ -224,7 +224,8 @@ service stats {{
             client.logout()
 
 
-def _chown_tree(root: Path) -> None:
+def chown_mail_tree(root: Path) -> None:
+    """Give the Maildirs to the mail user (Dovecot and Postfix's virtual(8) both write there as it)."""
     for dirpath, dirnames, filenames in os.walk(root):
         os.chown(dirpath, MAIL_UID, MAIL_UID)
         for name in filenames:

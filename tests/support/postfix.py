@@ -11,6 +11,7 @@ What it does with mail, by recipient domain:
 """
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from devtools.ports import free_port
 from devtools.waiting import wait_until
-from support.dovecot import MAIL_UID, private_directory
+from support.dovecot import MAIL_UID, chown_mail_tree, private_directory
 
 POSTFIX_HINT = "postfix is not installed: apt-get install --no-install-recommends postfix (.ci/run installs it)"
 LOCAL_DOMAINS = ("bounce.test", "corp.test", "refused.test")
@@ -76,9 +77,7 @@ class Postfix:
             for part in ("cur", "new", "tmp"):
                 (maildir / part).mkdir(parents=True, exist_ok=True)
             rows.append(f"{address} {maildir.relative_to(mail_root)}/")
-        from support.dovecot import _chown_tree
-
-        _chown_tree(mail_root)
+        chown_mail_tree(mail_root)
         (d / "mailboxes").write_text("\n".join(rows) + "\n")
         (d / "transport").write_text("".join(f"{domain} smtp:[127.0.0.1]:{port}\n"
                                              for domain, port in self.relays.items()) or "# none\n")
@@ -172,8 +171,6 @@ def _master_alive(pid_file: Path) -> bool:
     except (OSError, ValueError, IndexError):
         return False
     try:
-        import os
-
         os.kill(pid, 0)
         return True
     except ProcessLookupError:
