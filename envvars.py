@@ -202,11 +202,12 @@ class Reader:
         if not value:
             return None
         local, at, domain = value.rpartition("@")
-        if (not at or not re.fullmatch(r"[A-Za-z0-9._-]{1,40}", local)
+        if (not at or not re.fullmatch(r"[A-Za-z0-9._-]{1,24}", local)
                 or not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", domain) or "." not in domain):
+            # 24: with the tag after the `+`, the local part stays within RFC 5321's 64 characters.
             raise ConfigError(f"BOUNCE_ADDRESS must be a plain address such as bounces@corp.example, its name part "
-                              f"letters, digits, '.', '_' or '-' and no '+' (got {value[:80]!r}); unset it to keep "
-                              "MAIL_FROM's address as the envelope sender")
+                              f"at most 24 letters, digits, '.', '_' or '-' and no '+' (got {value[:80]!r}); unset "
+                              "it to keep MAIL_FROM's address as the envelope sender")
         return value
 
     def callback_token(self) -> str:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from email.errors import MessageError
 from email.header import decode_header, make_header
 from email.message import Message
 from email.utils import getaddresses, parseaddr
@@ -122,7 +123,7 @@ def header(message: Message, name: str) -> str:
         return ""
     try:
         return " ".join(str(make_header(decode_header(str(value)))).split())
-    except (ValueError, LookupError, UnicodeError, TypeError):
+    except (ValueError, LookupError, UnicodeError, TypeError, MessageError):  # a broken encoded-word or charset
         return " ".join(str(value).split())
 
 
@@ -263,10 +264,16 @@ def _body_text(message: Message) -> str:
             payload = part.get_payload(decode=True) or b""
             text = payload[:MAX_TEXT * 4].decode(part.get_content_charset() or "utf-8", "replace")
         except (LookupError, ValueError, AssertionError):
-            text = str(part.get_payload())[:MAX_TEXT]
+            text = raw_payload(part)
         (plain if ctype == "text/plain" else html).append(text)
     if plain:
         return "\n".join(plain)[:MAX_TEXT]
     text = re.sub(r"<(script|style)\b.*?</\1>", " ", "\n".join(html), flags=re.S | re.I)
     text = re.sub(r"<br\s*/?>|</p>|</div>|</tr>", "\n", text, flags=re.I)
     return re.sub(r"<[^>]{0,2000}>", " ", text).replace("&nbsp;", " ")[:MAX_TEXT]
+
+
+def raw_payload(part: Message) -> str:
+    """A part's payload as stored, when decoding it failed (an unknown charset or transfer encoding)."""
+    payload = part._payload if isinstance(part._payload, str) else ""  # get_payload() would decode again
+    return payload[:MAX_TEXT]

@@ -47,19 +47,20 @@ def process_message(engine: Engine, settings: Settings, raw: bytes, *, source: s
     Never raises for what the message holds (bounded work, outcome `ignored` or `unmatched` with the reason);
     only a failing state database raises (sqlalchemy's error), so the caller keeps the message for later."""
     now = time.time() if now is None else now
+    key_of_tags = tags.service_key(engine, settings)
     try:
         message = email.message_from_bytes(bytes(raw[:MAX_PARSE]))
         verdict = classify.classify(message)
+        if not verdict.is_bounce:
+            return BounceOutcome("ignored", None, None, verdict.reason, False)
+        found = match.find(key_of_tags, message, verdict.envid)
+        key = suppressions.report_key(classify.header(message, "Message-ID"), bytes(raw[:MAX_PARSE]))
+        subject = classify.header(message, "Subject")
     except (sa.exc.SQLAlchemyError, MemoryError):
         raise
     except Exception as exc:  # the email package on a tree it cannot take apart: not ours to read
         return _logged(BounceOutcome("ignored", None, None, f"unreadable message ({exc.__class__.__name__})",
                                      False), settings)
-    if not verdict.is_bounce:
-        return BounceOutcome("ignored", None, None, verdict.reason, False)
-    found = match.find(tags.service_key(engine, settings), message, verdict.envid)
-    key = suppressions.report_key(classify.header(message, "Message-ID"), bytes(raw[:MAX_PARSE]))
-    subject = classify.header(message, "Subject")
     return _act(engine, settings, verdict, found, key=key, source=source, now=now, subject=subject,
                 raw=bytes(raw[:suppressions.RAW_LIMIT]))
 

@@ -10,7 +10,7 @@ from email import message_from_string
 from email.message import Message
 
 from bounces import tags
-from bounces.classify import MAX_TEXT, header, walk
+from bounces.classify import MAX_TEXT, raw_payload, header, walk
 
 RETURNED_TO = ("Delivered-To", "X-Original-To", "Envelope-To", "X-Envelope-To", "To")
 QUOTED_ID = re.compile(r"Message-ID:\s*<?([^\s<>]{1,250})>?", re.I)
@@ -60,7 +60,7 @@ def _returned_ids(message: Message) -> list[str]:
             try:
                 text = (part.get_payload(decode=True) or b"")[:MAX_TEXT].decode("utf-8", "replace")
             except (ValueError, AssertionError):
-                text = str(part.get_payload())[:MAX_TEXT]
+                text = raw_payload(part)
             found.append(header(message_from_string(text), "Message-ID"))
     return [f for f in found if f]
 

@@ -7,6 +7,7 @@ from datetime import datetime
 import click
 from flask import current_app
 from flask.cli import with_appcontext
+from sqlalchemy.exc import SQLAlchemyError
 
 import services
 from bounces import handle
@@ -36,7 +37,13 @@ def bounces_command(files: tuple[str, ...]) -> None:
             click.echo(f"{name}: cannot read ({exc.strerror}): check the path", err=True)
             unreadable += 1
             continue
-        outcome = handle.process_message(parts.engine, parts.settings, raw, source="stdin" if name == "-" else "file")
+        try:
+            outcome = handle.process_message(parts.engine, parts.settings, raw,
+                                             source="stdin" if name == "-" else "file")
+        except SQLAlchemyError as exc:  # kept for a later run: exit non-zero (a Postfix pipe defers the mail)
+            click.echo(f"{name}: not processed, the state database failed ({exc.__class__.__name__}): check "
+                       "DATABASE_URL and run the command again", err=True)
+            sys.exit(75)  # EX_TEMPFAIL
         label = "-" if name == "-" else name
         click.echo(f"{label}: {handle.describe(outcome)}")
     if unreadable:

@@ -246,3 +246,26 @@ def test_a_refusal_at_rcpt_ends_like_a_dsn_and_throttling_suppresses_nobody(depa
                                                    "User unknown")
     assert {a: s.source for a, s in suppressed(department.engine).items()} == {VICTIM: "rcpt"}
     assert delivery(department.engine, "user0004@corp.example").status == "retry"  # throttled: waits, not suppressed
+
+
+def test_a_suppressed_address_falls_through_to_the_next_source_else_the_member_is_skipped(sqlite_url):
+    import config
+    from store import addressbook, db, migrate
+    from support import base_env
+    from wecom_api import Member
+
+    engine = db.make_engine(sqlite_url)
+    migrate.upgrade(engine)
+    settings = config.from_env(base_env(EMAIL_PATTERN="{userid}@corp.example"))
+    with engine.begin() as conn:
+        conn.execute(schema.address_book.insert().values(userid="zs", email="zs@book.example", updated_at=0))
+        suppressions.suppress(conn, "ZS@wecom.example", "5.1.1 user unknown", "bounce", 1796097600.0)
+    member = Member("zs", email="zs@wecom.example")
+    [choice] = addressbook.choose(settings, engine, [member])
+    assert (choice.address, choice.source) == ("zs@book.example", "directory")
+    with engine.begin() as conn:
+        suppressions.suppress(conn, "zs@book.example", "5.1.1 user unknown", "rcpt", 1796097600.0)
+        suppressions.suppress(conn, "zs@corp.example", "3 soft bounces within 7 days", "bounce", 1796097600.0)
+    [choice] = addressbook.choose(settings, engine, [member])
+    assert choice.address is None
+    assert choice.reason == "address suppressed: 5.1.1 user unknown (bounce, since 2026-12-01 12:00)"

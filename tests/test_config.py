@@ -48,6 +48,7 @@ BAD = [
     # bounces (issue 20)
     ("BOUNCE_ADDRESS", "bounces+x@corp.example", "BOUNCE_ADDRESS must be a plain address"),
     ("BOUNCE_ADDRESS", "bounces", "BOUNCE_ADDRESS must be a plain address"),
+    ("BOUNCE_ADDRESS", "a-very-long-bounce-mailbox-name@corp.example", "at most 24 letters"),
     ("BOUNCE_ADDRESS", "退信@corp.example", "BOUNCE_ADDRESS must be a plain address"),
     ("BOUNCE_SOFT_LIMIT", "0", "BOUNCE_SOFT_LIMIT must be between 1 and 100"),
     ("BOUNCE_SOFT_LIMIT", "many", "BOUNCE_SOFT_LIMIT must be a whole number"),

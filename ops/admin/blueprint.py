@@ -14,7 +14,7 @@ bp = Blueprint("admin", __name__, url_prefix="/admin")  # pages: templates/admin
 
 MAX_ID = 2**63 - 1  # ids are BIGINT; a larger number in a URL is a 404, not an overflow in the driver
 LABELS = {"pending": "待处理", "sending": "发送中", "done": "完成", "failed": "失败", "skipped": "跳过",
-          "ignored": "忽略", "retry": "待重试", "sent": "已发送", "held": "待汇总"}
+          "ignored": "忽略", "retry": "待重试", "sent": "已发送", "held": "待汇总", "bounced": "退信"}
 
 
 def engine():
