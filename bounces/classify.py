@@ -37,7 +37,8 @@ SOFT_TEXT = re.compile(r"mailbox (is )?full|over quota|(disk|mailbox|storage|use
                        r"容量已满|超过.{0,6}容量", re.I)
 SENDER_TEXT = re.compile(
     r"\bspf\b|\bdkim\b|\bdmarc\b|spam|junk mail|blacklist|blocklist|block list|black list|\brbl\b|dnsbl|"
-    r"spamhaus|reputation|content (rejected|refused|denied)|inappropriate (words|content)|message (content )?(rejected|refused) (due to|because)|"
+    r"spamhaus|reputation|content (rejected|refused|denied)|inappropriate (words|content)|"
+    r"message (content )?(rejected|refused) (due to|because)|"
     r"rejected due to policy|policy (violation|rejection)|not authori[sz]ed to send|relay(ing)? (access )?"
     r"denied|垃圾邮件|被拦截|发信.{0,4}(受限|频率)|反垃圾", re.I)
 ENHANCED = re.compile(r"(?<![\w.])([245])\.(\d{1,3})\.(\d{1,3})(?![\w.])")

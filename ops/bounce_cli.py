@@ -75,4 +75,4 @@ def suppressions_command(address: str | None) -> None:
     tz = parts.settings.tz
     for row in rows:
         since = datetime.fromtimestamp(row.since, tz).strftime("%Y-%m-%d %H:%M")
-        click.echo(f"{row.address}\t{row.source}\t{since}\t{row.reason}")
+        click.echo(f"{row.address}\t{' '.join(row.reason.split())}\t{since}\t{row.source}")  # DESIGN.md's order

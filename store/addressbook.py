@@ -140,8 +140,8 @@ def choose(settings: Settings, engine: Engine, members: list[Member]) -> list[Ch
         listed.append((member, [(source, c.strip()) for source in settings.email_sources for c in candidates[source]
                                 if c and address_problem(c.strip()) is None]))
     blocked = suppressions.suppressed(engine, [a for _, found in listed for _, a in found]) if members else {}
-    bad = (suppressions.bad_guesses_of(engine, [m.userid for m, found in listed if any(s == "pattern" for s, _ in found)])
-           if pattern and "pattern" in settings.email_sources else set())
+    guessed = [m.userid for m, found in listed if any(source == "pattern" for source, _ in found)]
+    bad = suppressions.bad_guesses_of(engine, guessed) if guessed else set()
     chosen = []
     for member, found in listed:
         choice, why = None, None

@@ -97,13 +97,14 @@ def test_malformed_and_huge_input_is_bounded():
               b"report-type=delivery-status; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: message/delivery-status"
               b"\r\n\r\n--b\r\nContent-Type: text/plain; charset=no-such-charset\r\n\r\n\xff\xfe 550 \r\n--b")
     assert classify.classify(email.message_from_bytes(broken)).is_bounce
-    nested = b"Content-Type: multipart/mixed; boundary=a\r\n\r\n" + b"--a\r\nContent-Type: multipart/mixed; boundary=a\r\n\r\n" * 5000
+    level = b"--a\r\nContent-Type: multipart/mixed; boundary=a\r\n\r\n"
+    nested = b"Content-Type: multipart/mixed; boundary=a\r\n\r\n" + level * 5000
     assert classify.classify(email.message_from_bytes(nested)).kind == "ignored"
 
 
 def test_a_broken_encoded_word_in_a_header_still_reads():
-    raw = load("qq-tuixin.eml").replace(b'From: "QQ\xe9\x82\xae\xe7\xae\xb1\xe5\x9b\xa2\xe9\x98\x9f" <MAILER-DAEMON@qq.com>',
-                                        b"From: =?utf-8?b?ABCDE?= <MAILER-DAEMON@qq.com>")
+    sender = 'From: "QQ邮箱团队" <MAILER-DAEMON@qq.com>'.encode()
+    raw = load("qq-tuixin.eml").replace(sender, b"From: =?utf-8?b?ABCDE?= <MAILER-DAEMON@qq.com>")
     assert b"=?utf-8?b?ABCDE?=" in raw
     verdict = classify.classify(email.message_from_bytes(raw))
     assert verdict.kind == "hard"

@@ -60,7 +60,9 @@ def test_suppressions_command_lists_and_removes_with_an_audit_row(bounced, servi
     service, raw = bounced
     handle.process_message(service.engine, service.parts.settings, raw)
     listed = flask("suppressions", env=service_env, cwd=tmp_path).stdout.decode()
-    assert listed.startswith(f"{VICTIM}\tbounce\t") and "5.1.1" in listed
+    address, reason, since, source = listed.rstrip("\n").split("\t")
+    assert (address, source) == (VICTIM, "bounce") and reason.startswith("5.1.1 <user0003@corp.example>")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", since)
     removed = flask("suppressions", "--remove", VICTIM.upper(), env=service_env, cwd=tmp_path)
     assert removed.returncode == 0 and suppressions.listing(service.engine) == []
     entries = [(e.actor, e.action, e.target) for e in rows(service.engine, schema.audit_log)]
