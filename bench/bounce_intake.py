@@ -170,14 +170,17 @@ def _intake() -> dict:
     import tempfile
 
     settings = config.from_env(_bench_env())
-    engine = make_engine(f"sqlite:///{tempfile.mkdtemp(prefix='wm-bench-')}/state.db")  # fresh position each pass
-    ensure_schema(engine)
-    started = time.monotonic()
-    report = intake.poll(settings, engine, "bench", backlog=True, budget=1800,
-                         handler=lambda e, s, raw, source: Seen(b"report-type=delivery-status" in raw[:2000]))
+    with tempfile.TemporaryDirectory(prefix="wm-bench-") as directory:  # a fresh position each pass
+        engine = make_engine(f"sqlite:///{directory}/state.db")
+        ensure_schema(engine)
+        started = time.monotonic()
+        report = intake.poll(settings, engine, "bench", backlog=True, budget=1800,
+                             handler=lambda e, s, raw, source: Seen(b"report-type=delivery-status" in raw[:2000]))
+        seconds = time.monotonic() - started
+        engine.dispose()
     assert report is not None and report.error is None, report and report.error
     return {"messages": report.seen, "reports": report.reports, "left_alone": report.left_alone,
-            "seconds": time.monotonic() - started}
+            "seconds": seconds}
 
 
 def _service() -> dict:
