@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 # ConfigError and the token rules are the names callers know config by; envvars.py reads the values.
 import envvars
-from envvars import MIN_ADMIN_TOKEN, MIN_SECRET, TOKEN_HOWTO, ConfigError, Reader  # noqa: F401
+from envvars import MIN_ADMIN_TOKEN, MIN_SECRET, TOKEN_HOWTO, ConfigError, ImapUrl, Reader  # noqa: F401
 
 MIN_MASKED = MIN_SECRET  # shorter values are never masked: "a" is not a secret, and starring it out hides logs
 
@@ -93,6 +93,11 @@ class Settings:
     # the delivery loop touches every round, for a liveness probe (None: none).
     retention_days: int = 90
     worker_heartbeat_file: str | None = None
+    # Bounce intake over IMAP (bounces/intake.py); the server's certificate is checked against SMTP_CA_FILE.
+    bounce_imap: ImapUrl | None = None  # BOUNCE_IMAP_URL
+    bounce_imap_password: str = field(default="", repr=False)
+    bounce_imap_done_folder: str | None = None
+    bounce_poll_seconds: float = 60.0
 
     @property
     def tz(self) -> ZoneInfo:
@@ -102,6 +107,7 @@ class Settings:
         """Every secret value, for masking in logs and error messages (database passwords included)."""
         values = [self.contact_secret, self.callback_token, self.callback_aes_key, self.smtp_password,
                   self.admin_token or "", self.secret_key or "", self.metrics_token or "", self.app_secret or "",
+                  self.bounce_imap_password,
                   *_passwords(self.database_url), *_passwords(self.template_database_url)]
         return [v for v in values if len(v) >= MIN_MASKED]
 
@@ -177,6 +183,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         if missing:
             raise ConfigError(f"ADMIN_USERIDS needs {', '.join(missing)}: set the self-built app's AgentId and "
                               "Secret and the service's public https origin (docs/admin.md), or unset ADMIN_USERIDS")
+    bounce_imap, bounce_imap_password, bounce_done = _bounce_imap(r)
     return Settings(
         corp_id=r.required("WECOM_CORP_ID", "copy 企业ID from 我的企业 > 企业信息"),
         contact_secret=r.required("WECOM_CONTACT_SECRET", "copy the Secret from 管理工具 > 通讯录同步")
@@ -238,6 +245,10 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         **_wecom_message(r, d),
         retention_days=r.int("RETENTION_DAYS", d["retention_days"], 0, 36500),
         worker_heartbeat_file=r.text("WORKER_HEARTBEAT_FILE", "") or None,
+        bounce_imap=bounce_imap,
+        bounce_imap_password=bounce_imap_password,
+        bounce_imap_done_folder=bounce_done,
+        bounce_poll_seconds=r.number("BOUNCE_POLL_SECONDS", d["bounce_poll_seconds"], 0, 86400),
     )
 
 
@@ -252,6 +263,20 @@ def _wecom_message(r: Reader, d: dict) -> dict:
     return {"wecom_message": mode,
             "wecom_message_max_per_day": r.int("WECOM_MESSAGE_MAX_PER_DAY", d["wecom_message_max_per_day"],
                                                0, 100_000_000)}
+
+
+def _bounce_imap(r: Reader) -> tuple[ImapUrl | None, str, str | None]:
+    """BOUNCE_IMAP_URL, its password and the done folder, checked together."""
+    url = r.imap_url("BOUNCE_IMAP_URL")
+    password = r.secret("BOUNCE_IMAP_PASSWORD")
+    done = r.text("BOUNCE_IMAP_DONE_FOLDER", "") or None
+    if url is not None and not password:
+        raise ConfigError("BOUNCE_IMAP_PASSWORD is required when BOUNCE_IMAP_URL is set: set it, or "
+                          "BOUNCE_IMAP_PASSWORD_FILE=/run/secrets/bounce-imap-password")
+    if url is not None and done is not None and done == url.folder:
+        raise ConfigError(f"BOUNCE_IMAP_DONE_FOLDER is the polled folder itself ({done!r}): name another folder, "
+                          "e.g. Bounces/Processed, or unset it to only mark bounces \\Seen")
+    return url, password, done
 
 
 def _passwords(url: str) -> tuple[str, ...]:

@@ -6,8 +6,10 @@ import binascii
 import ipaddress
 import re
 import ssl
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import unquote, urlsplit
 
 MIN_ADMIN_TOKEN = 32
 MIN_SECRET_KEY = 32
@@ -20,6 +22,25 @@ _CLOCK = re.compile(r"([01]?[0-9]|2[0-3]):([0-5][0-9])")
 
 class ConfigError(Exception):
     """A setting is missing or malformed; the message names it and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ImapUrl:
+    """BOUNCE_IMAP_URL, read: implicit TLS (imaps) or STARTTLS (imap), who logs in where, which folder."""
+
+    implicit_tls: bool
+    user: str
+    host: str
+    port: int
+    folder: str
+
+    @property
+    def key(self) -> str:
+        """The folder's name in the state database and the log: user@host:port/FOLDER (no password)."""
+        return f"{self.user}@{self.host}:{self.port}/{self.folder}"[:255]
+
+
+IMAP_URL_HOWTO = "use imaps://user@imap.example.com:993/INBOX, or imap://user@imap.example.com:143/INBOX (STARTTLS)"
 
 
 class Reader:
@@ -135,6 +156,30 @@ class Reader:
             raise ConfigError(f"{name} {path!r} is not a readable PEM certificate bundle "
                               f"({getattr(exc, 'strerror', None) or exc.__class__.__name__})") from None
         return path
+
+    def imap_url(self, name: str) -> ImapUrl | None:
+        """An IMAP mailbox URL with TLS (imaps://, or imap:// which must STARTTLS); no password inside it."""
+        value = self.text(name, "")
+        if not value:
+            return None
+        try:
+            parts = urlsplit(value)
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"{name} is not a URL: {IMAP_URL_HOWTO}") from None
+        if parts.scheme not in ("imaps", "imap"):
+            raise ConfigError(f"{name} must start with imaps:// or imap:// (STARTTLS), got {parts.scheme or 'none'}: "
+                              f"{IMAP_URL_HOWTO}")
+        if parts.password is not None:
+            raise ConfigError(f"{name} must not hold the password: remove it from the URL and set "
+                              "BOUNCE_IMAP_PASSWORD or BOUNCE_IMAP_PASSWORD_FILE")
+        if not parts.username or not parts.hostname or parts.query or parts.fragment:
+            raise ConfigError(f"{name} needs a user and a host and nothing after the folder: {IMAP_URL_HOWTO}")
+        folder = unquote(parts.path.lstrip("/")) or "INBOX"
+        if any(ord(ch) < 32 for ch in folder):
+            raise ConfigError(f"{name} names a folder with control characters: {IMAP_URL_HOWTO}")
+        return ImapUrl(parts.scheme == "imaps", unquote(parts.username), parts.hostname,
+                       port or (993 if parts.scheme == "imaps" else 143), folder)
 
     def quiet_hours(self, name: str) -> tuple[int, int] | None:
         value = self.text(name, "")

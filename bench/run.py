@@ -3,7 +3,7 @@
     python bench/run.py                 # every row at full size (a few minutes)
     python bench/run.py --quick         # smaller sizes, shorter loads
     python bench/run.py --only fanout   # one or more of: ingest, fanout, e2e, growth, reconcile, digest, pace,
-                                        # messages, recording, retention
+                                        # messages, recording, retention, bounces
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sqlalchemy as sa  # noqa: E402
 
 from bench import harness as h  # noqa: E402
+from bench.bounce_intake import bounces  # noqa: E402
 from bench.busy_ingest import SIZE as BUSY_SIZE, callbacks_during_fanout  # noqa: E402
 from bench.digest import digest  # noqa: E402
 from bench.messages import messages  # noqa: E402
@@ -33,7 +34,7 @@ from bench.retention import retention_section  # noqa: E402
 from bench.sink import Sink  # noqa: E402
 
 SECTIONS = ("ingest", "fanout", "e2e", "growth", "reconcile", "digest", "pace", "messages", "recording",
-            "retention")
+            "retention", "bounces")
 
 
 @dataclass
@@ -695,6 +696,7 @@ def main() -> int:
     parser.add_argument("--retention-rows", type=int, help="old finished deliveries the retention rows prune (10^6)")
     parser.add_argument("--digest-sizes", help="comma list of department sizes for the digest's isolated rows")
     parser.add_argument("--message-size", type=int, help="members of the WeCom message rows' department (10,000)")
+    parser.add_argument("--bounce-size", type=int, help="messages in the bounce mailbox (10,000; 2,000 with --quick)")
     args = parser.parse_args()
     overrides = {key: getattr(args, key) for key in ("fanout_sizes", "e2e_sizes", "growth_rows", "repeats",
                                                      "reconcile_size", "reconcile_event_size", "digest_sizes",
@@ -739,7 +741,8 @@ def main() -> int:
         for name, section in (("ingest", ingest), ("fanout", fanout), ("e2e", end_to_end), ("growth", growth),
                               ("reconcile", reconcile), ("digest", digest), ("pace", pace),
                               ("messages", messages),
-                              ("recording", recording_modes.section), ("retention", retention_section)):
+                              ("recording", recording_modes.section), ("retention", retention_section),
+                              ("bounces", bounces)):
             if name in args.only:
                 section(run)
     print_table(run)

@@ -12,6 +12,7 @@ from pathlib import Path
 from sqlalchemy.exc import DBAPIError
 
 import wecom_api
+from bounces.intake import Poller
 from channels import fallback
 from delivery import digest, retry
 from delivery.event_round import send_event
@@ -61,6 +62,7 @@ class Worker:
         self.reconciler = Reconciler(settings, engine, reconcile_client or client, self.owner, metrics,
                                      stop=self.stop, on_announced=self.wakeup.set)
         self.pruner = Pruner(settings, engine, self.owner, self.stop)  # RETENTION_DAYS, hourly, one process
+        self.bounce_poller = Poller(settings, engine, self.owner, stop=self.stop)  # BOUNCE_IMAP_URL, if set
 
     # -- loop ----------------------------------------------------------------------------------
 
@@ -78,6 +80,7 @@ class Worker:
             self.thread.join(timeout=self.settings.smtp_timeout + 5)
         self.reconciler.join(timeout=5)  # a round in a slow WeCom call is not waited out: its lease ends by itself
         self.pruner.join(timeout=5)  # stops after the batch in hand and releases its lease
+        self.bounce_poller.join(timeout=5)  # nor a poll in a slow IMAP call: it stops at its next batch
         if self.smtp_pool is not None and (self.thread is None or not self.thread.is_alive()):
             self.smtp_pool.close()
 
@@ -92,6 +95,7 @@ class Worker:
                 busy = self.run_once()
                 self.reconciler.tick(idle=not busy)  # a due round starts in its own thread, preferably when idle
                 self.pruner.tick()
+                self.bounce_poller.tick()  # so does a due poll of the bounce mailbox
             except (DBAPIError, StateUnavailable) as exc:
                 reason = exc.orig.__class__.__name__ if isinstance(exc, DBAPIError) else str(exc)
                 log.warning("state database error, retrying in %.0f s: %s", POLL_SECONDS * 4, reason)
@@ -103,7 +107,7 @@ class Worker:
             if not busy:
                 if self.smtp_pool is not None:
                     self.smtp_pool.close_idle()
-                self.wakeup.wait(min(POLL_SECONDS, self.reconciler.due_in()))
+                self.wakeup.wait(min(POLL_SECONDS, self.reconciler.due_in(), self.bounce_poller.due_in()))
                 self.wakeup.clear()
         if self.smtp_pool is not None:
             self.smtp_pool.close()

@@ -14,6 +14,7 @@ import smtp_session
 import templates_repo
 import wecom_api
 from delivery.limits import day_of, next_day_start
+from bounces.mailbox_check import mailbox_line
 from ops import bounce_checks, message_checks, report, storage
 from ops.exposure import bind_warning, loopback  # shared with gunicorn.conf.py (start-up warning)
 from store import addressbook, limits
@@ -45,6 +46,8 @@ def run_all(parts) -> list[tuple[bool, str]]:
     results.append(sending_limits(settings, engine if state_ok else None))
     if state_ok:  # bounces (issue 20): what came back, the blocked sender, a wrong EMAIL_PATTERN
         results.extend(bounce_checks.bounce_lines(engine, settings))
+    if settings.bounce_imap is not None:  # the mailbox they arrive in (BOUNCE_IMAP_URL), read-only
+        results.append(mailbox_line(settings, engine if state_ok else None))
     results.append(storage.retention_line(engine, settings) if state_ok else
                    (False, "retention: not checked (needs the state database)"))
     return [(ok, config.mask(line, settings)) for ok, line in results]

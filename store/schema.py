@@ -385,3 +385,14 @@ admin_sessions.append_column(Column("last_seen_at", Double, nullable=True))
 # --- retention (RETENTION_DAYS, store/retention.py): old finished events are pruned in received order ------
 
 Index("ix_wm_events_received", events.c.received_at)
+
+
+# --- bounce intake (BOUNCE_IMAP_URL): where the poll of the bounce mailbox stands (bounces/intake.py) --------
+
+bounce_mailbox = Table(  # one row per polled folder; the lease "bounce-intake" lets one process poll at a time
+    "wm_bounce_mailbox", metadata,
+    Column("folder", String(255), primary_key=True),  # user@host:port/FOLDER (never a password)
+    Column("uidvalidity", BigInteger, nullable=False),  # a new value: the UIDs were renumbered, rescan
+    Column("last_uid", BigInteger, nullable=False, default=0),  # every UID up to it has been processed
+    Column("updated_at", Double, nullable=False),
+)

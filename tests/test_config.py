@@ -76,6 +76,15 @@ BAD = [
     ("ADMIN_TOKEN", "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaabbbbbbbbbb", "ADMIN_TOKEN is too easy to guess"),
     ("ADMIN_TOKEN", "0123456789abcdef0123456789abcdef", "ADMIN_TOKEN is too easy to guess"),
     ("TRUSTED_PROXY_NETWORKS", "10.0.0.0/99", "TRUSTED_PROXY_NETWORKS has"),
+    ("BOUNCE_IMAP_URL", "https://imap.example.com/INBOX", "BOUNCE_IMAP_URL must start with imaps:// or imap://"),
+    ("BOUNCE_IMAP_URL", "pop3://user@imap.example.com/INBOX", "BOUNCE_IMAP_URL must start with imaps://"),
+    ("BOUNCE_IMAP_URL", "imaps://user:pw@imap.example.com/INBOX", "must not hold the password"),
+    ("BOUNCE_IMAP_URL", "imaps://imap.example.com/INBOX", "needs a user and a host"),
+    ("BOUNCE_IMAP_URL", "imaps://user@imap.example.com/INBOX?x=1", "needs a user and a host"),
+    ("BOUNCE_IMAP_URL", "imaps://user@imap.example.com:99999/INBOX", "BOUNCE_IMAP_URL is not a URL"),
+    ("BOUNCE_IMAP_URL", "imaps://user@imap.example.com/INBOX", "BOUNCE_IMAP_PASSWORD is required"),
+    ("BOUNCE_POLL_SECONDS", "-1", "BOUNCE_POLL_SECONDS must be between 0 and 86400"),
+    ("BOUNCE_POLL_SECONDS", "often", "BOUNCE_POLL_SECONDS must be a number"),
 ]
 
 
@@ -234,3 +243,19 @@ def test_a_short_secret_someone_else_issued_is_accepted_and_never_masked():
     settings = config.from_env(base_env(SMTP_PASSWORD="abc", WECOM_CALLBACK_TOKEN="tok"))
     assert (settings.smtp_password, settings.callback_token) == ("abc", "tok")
     assert config.mask("abcdef token", settings) == "abcdef token"
+
+
+def test_the_bounce_mailbox_url_is_read_whole():
+    settings = config.from_env(base_env(BOUNCE_IMAP_URL="imap://bounces%40corp.example@imap.example.com/%E9%80%80%E4%BF%A1",
+                                        BOUNCE_IMAP_PASSWORD="pw-0123-imap", BOUNCE_IMAP_DONE_FOLDER="Done"))
+    url = settings.bounce_imap
+    assert (url.implicit_tls, url.user, url.host, url.port, url.folder) == \
+        (False, "bounces@corp.example", "imap.example.com", 143, "退信")
+    assert "pw-0123-imap" in settings.secrets() and "pw-0123-imap" not in repr(settings)
+    assert config.from_env(base_env(BOUNCE_IMAP_URL="imaps://u@imap.example.com", BOUNCE_IMAP_PASSWORD="p"))\
+        .bounce_imap.port == 993
+    assert config.from_env(base_env()).bounce_imap is None and config.from_env(base_env()).bounce_poll_seconds == 60
+    with pytest.raises(config.ConfigError) as info:
+        config.from_env(base_env(BOUNCE_IMAP_URL="imaps://u@imap.example.com/INBOX", BOUNCE_IMAP_PASSWORD="p",
+                                 BOUNCE_IMAP_DONE_FOLDER="INBOX"))
+    assert "BOUNCE_IMAP_DONE_FOLDER is the polled folder itself" in str(info.value)
