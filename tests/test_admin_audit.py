@@ -7,14 +7,16 @@ import io
 import pytest
 import sqlalchemy as sa
 
-from store import audit, schema, template_versions
+from store import audit, schema, suppressions, template_versions
+from support.admin import post_login
 from support import TEST_ADMIN_TOKEN, change_xml, signed_post
 from support.admin_team import ADMIN, csrf_of, sign_in, team_env
 
 # Every /admin endpoint that changes state, each walked below. A new one fails this test until it is added
 # here with the audit row it writes.
 CHANGING = {"admin.wecom_callback", "admin.login", "admin.logout", "admin.logout_everywhere", "admin.retry_event",
-            "admin.retry_failed", "admin.import_addresses", "admin.template_post", "admin.template_restore"}
+            "admin.retry_failed", "admin.import_addresses", "admin.template_post", "admin.template_restore",
+            "admin.remove_suppression"}
 
 
 @pytest.fixture
@@ -24,7 +26,7 @@ def service_env(service_env, standin):
 
 @pytest.fixture
 def failed_event(service, smtp_sink, crypto):
-    smtp_sink.reject("user0003@corp.example", "550 5.1.1 no such user")
+    smtp_sink.reject("user0003@corp.example", "550 5.6.0 message refused")  # failed, not a bounce
     assert signed_post(service.test_client(), crypto, change_xml("create_user", "user0003")).data == b"success"
     service.drain()
     smtp_sink.reject("user0003@corp.example", "")
@@ -58,8 +60,8 @@ def test_every_changing_route_writes_exactly_one_audit_row(service, standin, fai
     once("admin.wecom_callback", "sign-in-refused", "user0005", lambda: sign_in(service.test_client(), standin,
                                                                                  "user0005"))
     token = service.test_client()
-    once("admin.login", "sign-in-refused", "token", lambda: token.post("/admin/login", data={"token": "w" * 40}))
-    once("admin.login", "sign-in", "token", lambda: token.post("/admin/login", data={"token": TEST_ADMIN_TOKEN}))
+    once("admin.login", "sign-in-refused", "token", lambda: post_login(token, "w" * 40))
+    once("admin.login", "sign-in", "token", lambda: post_login(token, TEST_ADMIN_TOKEN))
     csrf = csrf_of(admin.get("/admin/").get_data(as_text=True))
     once("admin.retry_event", "retry", ADMIN,
          lambda: admin.post(f"/admin/events/{failed_event}/retry", data={"csrf_token": csrf}))
@@ -78,6 +80,10 @@ def test_every_changing_route_writes_exactly_one_audit_row(service, standin, fai
     original = template_versions.history(engine, "tencent-wechat", "create_user")[-1]
     once("admin.template_restore", "template-rollback", ADMIN,
          lambda: admin.post(f"/admin/templates/create_user/restore/{original.id}", data={"csrf_token": csrf}))
+    with engine.begin() as conn:
+        suppressions.suppress(conn, "user0004@corp.example", "5.1.1 user unknown", "admin", now=1.0)
+    once("admin.remove_suppression", "suppression-remove", ADMIN, lambda: admin.post(
+        "/admin/suppressions/remove", data={"csrf_token": csrf, "address": "user0004@corp.example"}))
     once("admin.logout", "sign-out", ADMIN, lambda: admin.post("/admin/logout", data={"csrf_token": csrf}))
     csrf = csrf_of(token.get("/admin/").get_data(as_text=True))
     once("admin.logout_everywhere", "sign-out-everywhere", "token",

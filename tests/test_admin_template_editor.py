@@ -11,6 +11,7 @@ import sqlalchemy as sa
 
 import templates_repo
 from store import audit, schema, template_versions
+from support.admin import post_login
 from support import TEST_ADMIN_TOKEN, change_xml, signed_post
 from support.admin_team import ADMIN, csrf_of, sign_in, team_env
 
@@ -144,7 +145,7 @@ def test_a_test_goes_to_the_signed_in_person_through_the_outbox_marked_as_a_test
     assert row.actor == ADMIN and "user0002@corp.example" in row.detail
     # a token session has no address of its own
     token = service.test_client()
-    token.post("/admin/login", data={"token": TEST_ADMIN_TOKEN})
+    post_login(token, TEST_ADMIN_TOKEN)
     refused = post(token, csrf_of(token.get("/admin/").get_data(as_text=True)), "test")
     assert refused.status_code == 400 and "sign in with WeCom" in refused.get_data(as_text=True)
 

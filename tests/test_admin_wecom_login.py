@@ -10,6 +10,7 @@ import pytest
 import sqlalchemy as sa
 
 from store import audit, schema
+from support.admin import post_login
 from support import DEPARTMENT, TEST_ADMIN_TOKEN, TEST_CORP_ID, change_xml, signed_post
 from support.admin_team import ADMIN, AGENT_ID, csrf_of, scan, sign_in, start_sign_in, team_env
 
@@ -55,7 +56,7 @@ def test_qr_login_outside_wecom_and_oauth2_inside_it(service, standin):
 
 def test_an_allow_listed_userid_signs_in_and_is_named_on_every_page_and_in_the_audit_of_a_retry(service, standin,
                                                                                                   smtp_sink, crypto):
-    smtp_sink.reject("user0003@corp.example", "550 5.1.1 no such user")
+    smtp_sink.reject("user0003@corp.example", "550 5.6.0 message refused")  # failed, not a bounce
     assert signed_post(service.test_client(), crypto, change_xml("create_user", "user0003")).data == b"success"
     service.drain()
     smtp_sink.reject("user0003@corp.example", "")
@@ -138,17 +139,17 @@ def test_the_code_is_never_logged(service, standin, caplog):
 def test_signing_in_again_starts_a_fresh_session_and_sign_out_revokes_it(service, standin):
     client = service.test_client()
     assert sign_in(client, standin, ADMIN).status_code == 302
-    first_cookie = client.get_cookie("wecom_mailer_admin", path="/admin").value
+    first_cookie = client.get_cookie("wecom_mailer_admin", path="/").value
     assert sign_in(client, standin, ADMIN).status_code == 302
-    second_cookie = client.get_cookie("wecom_mailer_admin", path="/admin").value
+    second_cookie = client.get_cookie("wecom_mailer_admin", path="/").value
     assert second_cookie != first_cookie
     stale = service.test_client()
-    stale.set_cookie("wecom_mailer_admin", first_cookie, path="/admin")
+    stale.set_cookie("wecom_mailer_admin", first_cookie, path="/")
     assert stale.get("/admin/").status_code == 302  # the old session id was revoked
     csrf = csrf_of(client.get("/admin/").get_data(as_text=True))
     assert client.post("/admin/logout", data={"csrf_token": csrf}).status_code == 302
     kept = service.test_client()
-    kept.set_cookie("wecom_mailer_admin", second_cookie, path="/admin")
+    kept.set_cookie("wecom_mailer_admin", second_cookie, path="/")
     assert kept.get("/admin/").status_code == 302  # a copy of the cookie is refused after sign-out
     [out] = entries(service, action="sign-out")
     assert out.actor == ADMIN
@@ -156,7 +157,7 @@ def test_signing_in_again_starts_a_fresh_session_and_sign_out_revokes_it(service
 
 def test_a_token_session_is_named_token(service):
     client = service.test_client()
-    assert client.post("/admin/login", data={"token": TEST_ADMIN_TOKEN}).status_code == 302
+    assert post_login(client, TEST_ADMIN_TOKEN).status_code == 302
     assert signed_in_as(client) == "令牌 ADMIN_TOKEN"
     [signed] = entries(service, action="sign-in")
     assert signed.actor == audit.TOKEN

@@ -17,6 +17,7 @@ import smtp_session
 from bounces import handle
 from ops import bounce_checks
 from store import audit, db, migrate, schema, suppressions
+from support.admin import post_login
 from support import ROOT, base_env, rows
 from support.bounces import CORPUS, load
 
@@ -78,7 +79,7 @@ def admin(department, poster, smtp_sink, make_app, service_env):
     poster("zhangsan")
     department.drain()
     client = make_app(**{**service_env, "ADMIN_TOKEN": TOKEN}).test_client()
-    assert client.post("/admin/login", data={"token": TOKEN}).status_code == 302
+    assert post_login(client, TOKEN).status_code == 302
     csrf = re.search(r'name="csrf_token" value="([^"]+)"', client.get("/admin/").get_data(as_text=True)).group(1)
     return client, csrf, department
 

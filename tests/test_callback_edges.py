@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import re
 import time
 from urllib.parse import urlencode
 
@@ -98,7 +99,7 @@ AUTHENTICATED_FAILURES = {
     "not XML": lambda: _raw_encrypt(_payload(b"\x00garbage")),
     "a DTD": lambda: _raw_encrypt(_payload(b'<!DOCTYPE x [<!ENTITY a "b">]><xml>&a;</xml>')),
     "member change without UserID": lambda: _raw_encrypt(_payload(
-        CREATE.replace("<UserID><![CDATA[zhangsan]]></UserID>", "").encode())),
+        re.sub(r"<UserID>.*?</UserID>", "", CREATE).encode())),
 }
 
 

@@ -11,6 +11,7 @@ from channels import fallback, wecom_message
 from delivery import expand as expand_module
 from devtools.wecom_standin import make_members
 from store import schema
+from support.admin import post_login
 from support import CREATED_AT, DEPARTMENT, change_xml, rows, signed_post
 from support.digests import T0, Clock
 from support.messages import received
@@ -285,7 +286,7 @@ def test_status_admin_and_metrics_show_both_channels(messaging, standin, crypto)
            "(visible range) or licensed" in lines
 
     client = service.test_client()
-    assert client.post("/admin/login", data={"token": TEST_ADMIN_TOKEN}).status_code == 302
+    assert post_login(client, TEST_ADMIN_TOKEN).status_code == 302
     page = client.get("/admin/").get_data(as_text=True)
     assert 'id="channel-summary"' in page and "企业微信应用消息 WeCom messages" in page and "81013" in page
     [event] = rows(service.engine, schema.events)
@@ -295,7 +296,7 @@ def test_status_admin_and_metrics_show_both_channels(messaging, standin, crypto)
 
 def test_an_email_refused_for_good_is_followed_by_a_wecom_message_in_the_same_round(
         messaging, standin, smtp_sink, crypto):
-    smtp_sink.reject("user0002@corp.example")  # 550 5.1.1: failed for good
+    smtp_sink.reject("user0002@corp.example")  # 550 5.1.1 at RCPT: bounced, the address suppressed (issue 20)
     service = messaging("fallback")
     service.drain()
     post(service, crypto, "user0003")
@@ -303,6 +304,6 @@ def test_an_email_refused_for_good_is_followed_by_a_wecom_message_in_the_same_ro
     assert worker.run_once()  # one round: the email fails, the message goes
     assert received(standin) == {"user0002": 1}
     channels = by_channel(service.engine)
-    assert channels["email"][("user0002", "failed")] == 1 and channels["wecom"] == {("user0002", "sent"): 1}
+    assert channels["email"][("user0002", "bounced")] == 1 and channels["wecom"] == {("user0002", "sent"): 1}
     service.drain(worker)
     assert received(standin) == {"user0002": 1} and len(smtp_sink.messages) == 4

@@ -8,7 +8,8 @@ from flask import abort, redirect, render_template, request, url_for
 from sqlalchemy.exc import DBAPIError
 
 from ops.admin.blueprint import MAX_ID, bp, engine as _engine, log
-from store import audit, bounce_stats, suppressions
+import ops.admin.trail as trail
+from store import bounce_stats, suppressions
 from store.schema import BOUNCE_KINDS
 
 WEEK = 7 * 86400
@@ -40,7 +41,7 @@ def remove_suppression():
     address = suppressions.normal(request.form.get("address", ""))[:320]
     if not address or not suppressions.remove(_engine(), address):
         abort(404, "no such suppressed address")
-    audit.record(_engine(), audit.TOKEN, "suppression-remove", target=address, client=request.remote_addr or "")
+    trail.record("suppression-remove", target=address)
     log.info("admin lifted the suppression of %s", address)
     return redirect(url_for("admin.suppressions_page", removed=address))
 
