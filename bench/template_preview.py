@@ -46,7 +46,12 @@ def preview(requests_count: int = 400) -> dict:
             xml = h.member_event(f"user{n:04d}", h.DEPARTMENT, kind)
             recording.record_event(engine, xml, wecom.parse_event(xml), "done")
         client = flask_app.test_client()
-        client.post("/admin/login", data={"token": ADMIN_TOKEN})
+        # The login form first, as a browser: its login CSRF cookie and field (ops/admin/auth.py).
+        form_page = client.get("/admin/login").get_data(as_text=True)
+        login_csrf = re.search(r'name="login_csrf" value="([^"]+)"', form_page).group(1)
+        signed = client.post("/admin/login", data={"token": ADMIN_TOKEN, "login_csrf": login_csrf},
+                             headers={"Sec-Fetch-Site": "same-origin"})
+        assert signed.status_code == 302, f"sign-in refused ({signed.status_code})"
         page = client.get("/admin/templates/create_user").get_data(as_text=True)
         csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
         choices = ["sample"] + re.findall(r'<option value="([0-9]+)"', page)
