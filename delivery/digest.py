@@ -16,7 +16,7 @@ from delivery.digest_message import DIGEST, ChangeRenderer, compose
 from delivery.lease import LeaseKeeper
 from delivery.limits import next_day_start
 from delivery.sending import send_batch
-from store import digests
+from store import digests, template_versions
 from store.channel_rows import WECOM_PREFIX
 from store.recipients import Hold
 from store.snapshots import member_names
@@ -103,6 +103,9 @@ def _send(worker, claimed: list, templates: dict) -> None:
     by_item, items = {}, []
     for digest in claimed:
         message = compose(digest.changes, render, templates.get(DIGEST), settings.tz)
+        if templates.get(DIGEST) is not None:  # which saved version of the 'digest' row people received
+            template_versions.mark_digest(engine, digest.id, settings.template_app, templates[DIGEST].title,
+                                          templates[DIGEST].body)
         item = mailer.Outgoing(digest.changes[0].delivery_id, digest.address, digest.changes[-1].name,
                                message.subject, message.body, bounce_rules.tag(worker, "g", digest.id))
         by_item[item.delivery_id] = (digest, message)

@@ -350,6 +350,9 @@ admin_sessions.append_column(Column("actor", String(64), nullable=False, server_
 # The template version an event's message was rendered from (store/template_versions.py); NULL when the row
 # in the template table matches no version saved through /admin (edited with SQL, or before versions).
 events.append_column(Column("template_version", BigInteger))
+# The same for a digest's own wrapper: the version of the 'digest' row it was composed with (NULL: the built-in
+# text, or a row no saved version matches); each change inside it keeps its event's version.
+digests.append_column(Column("template_version", BigInteger))
 
 sign_in_states = Table(  # a WeCom sign-in in progress: its `state`, bound to the visitor's pre-session cookie
     "wm_sign_in_states", metadata,

@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from store.db import with_retries
-from store.schema import events, template_versions
+from store.schema import digests, events, template_versions
 
 SAVE, ROLLBACK, ORIGINAL = "save", "rollback", "original"  # ORIGINAL: the row as found before the first save
 
@@ -94,4 +94,13 @@ def mark_event(engine: Engine, event_id: int, app: str, change_type: str, title:
         with engine.begin() as conn:
             conn.execute(events.update().where(events.c.id == event_id)
                          .values(template_version=matching(app, change_type, title, body)))
+    with_retries(write)
+
+
+def mark_digest(engine: Engine, digest_id: int, app: str, title: str, body: str) -> None:
+    """Record on a digest which version of the 'digest' row its wrapper was composed from (one statement)."""
+    def write():
+        with engine.begin() as conn:
+            conn.execute(digests.update().where(digests.c.id == digest_id)
+                         .values(template_version=matching(app, "digest", title, body)))
     with_retries(write)

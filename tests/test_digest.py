@@ -257,3 +257,18 @@ def test_check_says_which_text_the_digests_use(make_app, tmp_path):
     assert ok and "no 'digest' row: digests use the built-in text" in line
     off = dataclasses.replace(settings, digest_window=0)
     assert "digest" not in checks.template_rows(parts.template_engine, off)[1]
+
+
+def test_a_digest_records_the_saved_version_of_its_digest_row(department, poster, smtp_sink):
+    """What people received has an answer for digests too (issue 22): the saved version of the 'digest' row its
+    wrapper was composed from (each change inside keeps its own event's version)."""
+    from store import template_versions
+
+    title, body = "{count} 项变更", "{changes}"
+    _set_template(department, "digest", title, body)
+    version = template_versions.add(department.engine, "tencent-wechat", "digest", title, body, "zhangsan")
+    worker = _two_held(department, poster)
+    department.drain(worker)
+    assert smtp_sink.messages[-1]["Subject"] == "2 项变更"
+    sent = [d for d in rows(department.engine, schema.digests) if d.status == "sent"]  # one per member
+    assert len(sent) == len(MEMBERS) and {d.template_version for d in sent} == {version}

@@ -23,6 +23,7 @@ LongText = sa.Text().with_variant(MEDIUMTEXT(), "mysql", "mariadb")
 def upgrade() -> None:
     op.add_column("wm_admin_sessions", sa.Column("actor", sa.String(64), nullable=False, server_default="token"))
     op.add_column("wm_events", sa.Column("template_version", sa.BigInteger))
+    op.add_column("wm_digests", sa.Column("template_version", sa.BigInteger))
     op.create_table("wm_sign_in_states",
                     sa.Column("state_digest", sa.String(64), primary_key=True),
                     sa.Column("visitor_digest", sa.String(64), nullable=False),
@@ -49,6 +50,8 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_table("wm_template_versions")
     op.drop_table("wm_sign_in_states")
+    with op.batch_alter_table("wm_digests") as table:
+        table.drop_column("template_version")
     with op.batch_alter_table("wm_events") as table:
         table.drop_column("template_version")
     with op.batch_alter_table("wm_admin_sessions") as table:
