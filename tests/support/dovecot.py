@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from bounces.imap import quote
-from devtools.ports import free_port
+from devtools.ports import free_ports
 from devtools.waiting import wait_until
 
 DOVECOT_HINT = "dovecot is not installed: apt-get install --no-install-recommends dovecot-imapd (.ci/run installs it)"
@@ -57,7 +57,7 @@ class Dovecot:
         self.directory = directory or private_directory("wm-dovecot-")
         self.owns_directory = directory is None
         self.mail_root = self.directory / "mail"
-        self.port, self.imaps_port = free_port(), free_port()
+        self.port, self.imaps_port = free_ports(2)
         self.users = tuple(users)
         self.ca_file = self.directory / "ca.pem"
         ca.cert_pem.write_to_path(str(self.ca_file))

@@ -6,7 +6,7 @@ import signal
 import subprocess
 from pathlib import Path
 
-from devtools.ports import free_port
+from devtools.ports import free_ports
 from support.env import ROOT
 from devtools.waiting import wait_until
 
@@ -24,7 +24,7 @@ class Nginx:
     def __init__(self, directory: Path, upstream_port: int, cert_file: Path, key_file: Path, admin_allow: str = ""):
         """`admin_allow`: the lines of the /admin allow-list (deploy/admin-allow.conf), e.g. `127.0.0.1/32 1;`."""
         self.directory = directory
-        self.http_port, self.https_port = free_port(), free_port()
+        self.http_port, self.https_port = free_ports(2)
         site = SITE.read_text(encoding="utf-8")
         replacements = [(r"server web:8000;", f"server 127.0.0.1:{upstream_port};"),
                         (r"listen 80;", f"listen 127.0.0.1:{self.http_port};"),
