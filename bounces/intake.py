@@ -236,9 +236,7 @@ class Poller:
             self._next_check = time.time() + interval
             return
         if report is None:  # another process has the turn: ask again when the next one is due
-            last = leases.last_turn(self.engine, LEASE)
-            started = last.last_run_at if last is not None and last.last_run_at else time.time()
-            self._next_check = max(started + interval, time.time() + min(interval, 1.0))
+            self._next_check = leases.next_turn_at(self.engine, LEASE, interval, min(interval, 1.0))
             return
         self._backlog = report.more
         self._next_check = time.time() if report.more else report.started + interval

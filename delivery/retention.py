@@ -35,7 +35,7 @@ def run(settings, engine, owner: str, stop: threading.Event | None = None, now: 
         outcome = pruned.summary()
     finally:
         leases.finish_turn(engine, LEASE, owner, outcome)  # released at once, also when stopped early
-    if pruned.events or pruned.digests or not pruned.complete:
+    if pruned.events or pruned.digests or pruned.members or not pruned.complete:
         log.info("retention (%d days): %s", settings.retention_days, outcome)
     return pruned
 
@@ -76,9 +76,7 @@ class Pruner:
         if pruned is not None and not pruned.complete and not self.stop.is_set():
             self._resume, self._next_check = True, time.time() + 1.0  # stopped by its deadline: go on
             return
-        last = leases.last_turn(self.engine, LEASE)
-        started = last.last_run_at if last is not None and last.last_run_at else time.time()
-        self._next_check = max(started + INTERVAL_SECONDS, time.time() + 1.0)
+        self._next_check = leases.next_turn_at(self.engine, LEASE, INTERVAL_SECONDS, 1.0)
 
     def join(self, timeout: float) -> None:
         """Wait for a run in progress (shutdown): it stops after its current batch."""

@@ -1,6 +1,8 @@
 """Named leases: work that one process does once per interval (reconciliation), taken by compare-and-set."""
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -51,3 +53,11 @@ def last_turn(engine: Engine, name: str):
     """The lease row (last_run_at, runs, last_outcome, …), or None when it never ran."""
     with engine.connect() as conn:
         return conn.execute(sa.select(leases).where(leases.c.name == name)).first()
+
+
+def next_turn_at(engine: Engine, name: str, interval: float, soonest: float) -> float:
+    """When the next run under lease `name` is due: `interval` after its last run by any process, and not
+    sooner than `soonest` seconds from now (a process that found another's turn in progress asks again then)."""
+    last = last_turn(engine, name)
+    started = last.last_run_at if last is not None and last.last_run_at else time.time()
+    return max(started + interval, time.time() + soonest)
