@@ -26,11 +26,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench import harness as h  # noqa: E402
+from bench.harness import say  # noqa: E402
+
 SIZE = 10_000
-
-
-def say(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 def bounces(run) -> None:

@@ -41,7 +41,7 @@ def callbacks_during_fanout(run, rate: float) -> dict:
                         _drain(engine)
                         busy = _during_fanout(run, engine, port, rate, f"busy{attempt}")
                         rounds.append({"idle": idle, **busy})
-                        _say(f"ingest under fan-out, round {attempt + 1}: idle p99 {idle['p99_ms']:.1f} ms, "
+                        h.say(f"ingest under fan-out, round {attempt + 1}: idle p99 {idle['p99_ms']:.1f} ms, "
                               f"busy p99 {busy['wrk']['p99_ms']:.1f} ms, {busy['mails_in_window']} mails "
                               f"in the window")
             finally:
@@ -50,10 +50,6 @@ def callbacks_during_fanout(run, rate: float) -> dict:
         run.standin.set_members(h.DEPARTMENT, [])  # the next section sets its own department
     best = min(rounds, key=lambda r: r["wrk"]["p99_ms"])
     return dict(best, rate=rate, rounds=rounds)
-
-
-def _say(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 def _wrk_at(port: int, rate: float, seconds: float, tag: str) -> dict:

@@ -15,6 +15,7 @@ import time
 import sqlalchemy as sa
 
 from bench import harness as h
+from bench.harness import say
 
 BURST_CHANGES, BURST_MEMBERS = 200, 50
 
@@ -150,7 +151,3 @@ def _isolated(run, size: int) -> None:
             f"window 0: {off['cpu_ms']:.1f} ms", on["cpu_ms"] / off["cpu_ms"] if off["cpu_ms"] else None)
     run.add("digest", "  extra per change: db statements", f"{on['statements'] - off['statements']:+d}",
             f"window 0: {off['statements']}", on["statements"] / off["statements"] if off["statements"] else None)
-
-
-def say(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)

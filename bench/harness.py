@@ -95,6 +95,11 @@ def prepare_state(database_url: str, root: Path = ROOT) -> None:
     engine.dispose()
 
 
+def say(text: str) -> None:
+    """A progress line of the benchmark run, with the time."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
 def wait_for(predicate, timeout: float, interval: float = 0.05, what: str = "condition"):
     from devtools.waiting import wait_until
 

@@ -14,13 +14,10 @@ import threading
 import time
 
 from bench import harness as h
+from bench.harness import say
 from bench import instrumented
 
 BIG, SMALL = h.DEPARTMENT, 3  # the reconciled department; the department of the concurrent event
-
-
-def say(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 def reconcile(run) -> None:

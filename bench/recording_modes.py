@@ -65,7 +65,6 @@ def create_app():
 def section(run) -> None:
     """Every recorder at every connection count, database near and far, in alternation, best of rounds."""
     from bench import harness as h
-    from bench.run import say
     from devtools.latency_proxy import LatencyProxy
 
     args = run.args
@@ -111,7 +110,7 @@ def section(run) -> None:
                         results.setdefault(key, []).append(result)
                         line.append(f"{recorder} {result['rps']:.0f}/s p99 {result['p99_ms']:.0f} ms"
                                     + (f" NON-2XX {result['non2xx']}" if result["non2xx"] else ""))
-                    say(f"recording, db {rtt * 1000:.0f} ms away, {connections} connections, round {attempt + 1}: "
+                    h.say(f"recording, db {rtt * 1000:.0f} ms away, {connections} connections, round {attempt + 1}: "
                         + ", ".join(line) + f"; load {os.getloadavg()[0]:.1f}")
     run.raw["recording modes"] = {f"{rtt * 1000:.0f}ms c{c} {r}": v for (rtt, c, r), v in results.items()}
     for rtt in (0.0, 0.02):
