@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import sqlalchemy as sa  # noqa: E402
 
 from bench import harness as h  # noqa: E402
+from bench.harness import say  # noqa: E402
 from bench.bounce_intake import bounces  # noqa: E402
 from bench.busy_ingest import SIZE as BUSY_SIZE, callbacks_during_fanout  # noqa: E402
 from bench.digest import digest  # noqa: E402
@@ -31,10 +32,11 @@ from bench.pace import pace  # noqa: E402
 from bench import recording_modes  # noqa: E402
 from bench.reconcile_round import reconcile  # noqa: E402
 from bench.retention import retention_section  # noqa: E402
+from bench import steady  # noqa: E402
 from bench.sink import Sink  # noqa: E402
 
 SECTIONS = ("ingest", "fanout", "e2e", "growth", "reconcile", "digest", "pace", "messages", "recording",
-            "retention", "bounces")
+            "retention", "steady", "bounces")
 
 
 @dataclass
@@ -66,9 +68,6 @@ class Run:
         print(f"  {row.section:<7} {row.what:<60} {row.value:>22} {row.floor:>22} {ratio:>6} {verdict}",
               flush=True)
 
-
-def say(text: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
 
 
 # --- 1. ingest ------------------------------------------------------------------------------------
@@ -694,13 +693,14 @@ def main() -> int:
     parser.add_argument("--reconcile-event-size", type=int,
                         help="members of the department whose event arrives during a round (1,000)")
     parser.add_argument("--retention-rows", type=int, help="old finished deliveries the retention rows prune (10^6)")
+    parser.add_argument("--steady-days", type=int, help="simulated days of steady load for the bounded-growth rows (30)")
     parser.add_argument("--digest-sizes", help="comma list of department sizes for the digest's isolated rows")
     parser.add_argument("--message-size", type=int, help="members of the WeCom message rows' department (10,000)")
     parser.add_argument("--bounce-size", type=int, help="messages in the bounce mailbox (10,000; 2,000 with --quick)")
     args = parser.parse_args()
     overrides = {key: getattr(args, key) for key in ("fanout_sizes", "e2e_sizes", "growth_rows", "repeats",
                                                      "reconcile_size", "reconcile_event_size", "digest_sizes",
-                                                     "message_size", "retention_rows")}
+                                                     "message_size", "retention_rows", "steady_days")}
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     args.before = _before_checkouts(parser, args.before)
     unknown = set(args.only) - set(SECTIONS)
@@ -712,12 +712,12 @@ def main() -> int:
         args.load_seconds, args.requests, args.repeats, args.naive_cap = 3, 25_000, 2, 500
         args.fanout_sizes, args.e2e_sizes, args.growth_rows = [300, 1000], [10, 100, 1000], 100_000
         args.reconcile_size, args.reconcile_event_size, args.digest_sizes = 10_000, 300, [50, 300]
-        args.retention_rows = 100_000
+        args.retention_rows, args.steady_days = 100_000, 12
     else:
         args.load_seconds, args.requests, args.repeats, args.naive_cap = 5, 40_000, 3, 3000
         args.fanout_sizes, args.e2e_sizes, args.growth_rows = [1000, 10000], [10, 100, 1000, 10000], 1_000_000
         args.reconcile_size, args.reconcile_event_size, args.digest_sizes = 10_000, 1000, [50, 1000]
-        args.retention_rows = 1_000_000
+        args.retention_rows, args.steady_days = 1_000_000, 30
     for key, value in overrides.items():
         if value:
             setattr(args, key, [int(n) for n in value.split(",")] if key.endswith("sizes") else value)
@@ -742,6 +742,7 @@ def main() -> int:
                               ("reconcile", reconcile), ("digest", digest), ("pace", pace),
                               ("messages", messages),
                               ("recording", recording_modes.section), ("retention", retention_section),
+                              ("steady", steady.section),
                               ("bounces", bounces)):
             if name in args.only:
                 section(run)

@@ -6,7 +6,10 @@ What may go, and why it is safe:
   was received) before the cutoff; `sending`, `pending` and `held` events are never touched;
 - its deliveries only while they are final (sent, failed, skipped): a delivery requeued meanwhile (`retry`)
   stays, and so does its event, since an event is deleted only once no delivery of it is left;
-- a digest that is final (sent, failed, merged), older than the cutoff, that no remaining delivery names.
+- a digest that is final (sent, failed, merged), older than the cutoff, that no remaining delivery names;
+- the membership row of someone who left before the cutoff: it guards nothing any more (a resent leave of
+  an unknown userid announces nothing either, and a return is a join whether the row is there or not), and
+  without this every leaver in the life of the service would keep a row (bench/steady.py found it).
 The cutoff is at least a day back, and WeCom resends a callback within minutes: a dedup key it could still
 resend is never deleted.
 """
@@ -20,7 +23,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
 from store.db import with_retries
-from store.schema import deliveries, digests, events
+from store.schema import deliveries, digests, events, membership
 
 EVENT_FINAL = ("done", "failed", "skipped", "ignored")
 DELIVERY_FINAL = ("sent", "failed", "skipped")
@@ -37,13 +40,15 @@ class Pruned:
     events: int = 0
     deliveries: int = 0
     digests: int = 0
+    members: int = 0  # membership rows of people who left before the cutoff
     batches: int = 0
     complete: bool = True  # False: stopped early (time up, or asked to stop); the next run goes on
     seconds: float = field(default=0.0)
 
     def summary(self) -> str:
         """One line for the log and `check`."""
-        return (f"{self.events} event(s), {self.deliveries} delivery(ies), {self.digests} digest(s) deleted "
+        return (f"{self.events} event(s), {self.deliveries} delivery(ies), {self.digests} digest(s), "
+                f"{self.members} leaver(s) deleted "
                 f"in {self.batches} batch(es), {self.seconds:.1f} s" + ("" if self.complete else "; more left"))
 
 
@@ -124,6 +129,16 @@ def prune(engine: Engine, days: int, now: float | None = None, stop: threading.E
         if deleted < ROWS_PER_DELETE:
             break
         rest()
+    while result.complete:
+        if halted():
+            result.complete = False
+            break
+        deleted = _delete_leavers(engine, before)
+        result.members += deleted
+        result.batches += 1
+        if deleted < ROWS_PER_DELETE:
+            break
+        rest()
     result.seconds = time.monotonic() - started
     return result
 
@@ -166,6 +181,24 @@ def _delete_digests(engine: Engine, before: float) -> int:
             if not ids:
                 return 0
             return conn.execute(digests.delete().where(digests.c.id.in_(ids), old)).rowcount
+    return with_retries(write)
+
+
+def _delete_leavers(engine: Engine, before: float) -> int:
+    """Up to ROWS_PER_DELETE membership rows of people who left before `before`. The keys are read first
+    (a plain read locks nothing), then deleted by key with the condition again: a DELETE that scanned the
+    table itself would lock every row it looked at, and a callback marking a member would wait for it."""
+    gone = sa.and_(membership.c.state == "left", membership.c.announced_at < before)
+
+    def write():
+        with engine.begin() as conn:
+            keys = conn.execute(sa.select(membership.c.department_id, membership.c.userid).where(gone)
+                                .limit(ROWS_PER_DELETE)).all()
+            if not keys:
+                return 0
+            return conn.execute(membership.delete().where(
+                sa.tuple_(membership.c.department_id, membership.c.userid).in_([tuple(k) for k in keys]),
+                gone)).rowcount
     return with_retries(write)
 
 

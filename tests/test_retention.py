@@ -79,6 +79,22 @@ def test_never_younger_than_a_day_and_zero_keeps_everything(db_url):
     assert _keys(engine) == {"an-hour-old"}
 
 
+def test_people_who_left_before_the_cutoff_lose_their_membership_row_and_nobody_else_does(db_url):
+    """Without this, every leaver in the service's life keeps a row (bench/steady.py's steady load found it)."""
+    engine = db.make_engine(db_url)
+    migrate.upgrade(engine)
+    with engine.begin() as conn:
+        for userid, state, age in (("left-long-ago", "left", 100), ("left-last-week", "left", 7),
+                                   ("joined-long-ago", "joined", 100)):
+            conn.execute(schema.membership.insert().values(department_id=2, userid=userid, state=state,
+                                                           announced_by="callback", announced_at=NOW - age * DAY))
+
+    pruned = retention.prune(engine, 90, now=NOW)
+
+    assert {row.userid for row in rows(engine, schema.membership)} == {"left-last-week", "joined-long-ago"}
+    assert pruned.members == 1 and "1 leaver(s) deleted" in pruned.summary()
+
+
 def test_large_fan_outs_go_in_small_batches_and_a_stop_leaves_a_consistent_state(db_url):
     engine = db.make_engine(db_url)
     migrate.upgrade(engine)
@@ -101,8 +117,9 @@ def test_large_fan_outs_go_in_small_batches_and_a_stop_leaves_a_consistent_state
     assert len(_keys(engine)) == 3  # an event goes only after its last delivery
     rest = retention.prune(engine, 90, now=NOW)
     assert rest.events == 3 and count(engine, schema.deliveries) == 0
-    # 2 x ROWS_PER_DELETE + 30 left: three DELETEs of at most ROWS_PER_DELETE, one for the events, one for digests.
-    assert rest.deliveries == 2 * retention.ROWS_PER_DELETE + 30 and rest.batches == 3 + 1 + 1
+    # 2 x ROWS_PER_DELETE + 30 left: three DELETEs of at most ROWS_PER_DELETE, one for the events, one for
+    # digests, one for leavers.
+    assert rest.deliveries == 2 * retention.ROWS_PER_DELETE + 30 and rest.batches == 3 + 1 + 1 + 1
 
 
 def test_one_process_at_a_time_holds_the_turn_and_releases_it(db_url, make_app):
@@ -132,7 +149,7 @@ def test_check_shows_row_counts_the_oldest_row_kept_and_the_last_run(make_app, d
     said = runner.invoke(args=["check"]).output
     [line] = [line for line in said.splitlines() if line.startswith("✓ retention:")]
     assert "finished events older than 90 day(s) are deleted hourly, last run" in line
-    assert "0 event(s), 0 delivery(ies), 0 digest(s) deleted" in line
+    assert "0 event(s), 0 delivery(ies), 0 digest(s), 0 leaver(s) deleted" in line
     assert "wm_events 1 row(s), oldest kept 2027-01-05 16:00:00" in line and "wm_deliveries 2 row(s), oldest kept" in line
     assert line.endswith("wm_digests 0 row(s)")
 
