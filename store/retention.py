@@ -119,26 +119,17 @@ def prune(engine: Engine, days: int, now: float | None = None, stop: threading.E
         result.events += _delete_events(engine, ids, before)
         result.batches += 1
         rest()
-    while result.complete:
-        if halted():
-            result.complete = False
-            break
-        deleted = _delete_digests(engine, before)
-        result.digests += deleted
-        result.batches += 1
-        if deleted < ROWS_PER_DELETE:
-            break
-        rest()
-    while result.complete:
-        if halted():
-            result.complete = False
-            break
-        deleted = _delete_leavers(engine, before)
-        result.members += deleted
-        result.batches += 1
-        if deleted < ROWS_PER_DELETE:
-            break
-        rest()
+    for delete, counter in ((_delete_digests, "digests"), (_delete_leavers, "members")):
+        while result.complete:  # batch after batch, until one comes back short
+            if halted():
+                result.complete = False
+                break
+            deleted = delete(engine, before)
+            setattr(result, counter, getattr(result, counter) + deleted)
+            result.batches += 1
+            if deleted < ROWS_PER_DELETE:
+                break
+            rest()
     result.seconds = time.monotonic() - started
     return result
 
