@@ -5,10 +5,13 @@ import hmac
 import logging
 import sys
 import time
+from http import HTTPStatus
 from typing import Mapping
 
 from flask import Flask, Response, current_app, request
 from sqlalchemy.exc import DBAPIError
+from werkzeug.wrappers import Request
+
 import config
 import logs
 from ops.forwarded import TrustedProxies
@@ -39,11 +42,14 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
         raise SystemExit(4) from None
     logs.setup(settings)
     app = Flask(__name__)
-    # The client address and scheme as the last TRUSTED_PROXIES proxies report them, and only when the
-    # connection comes from TRUSTED_PROXY_NETWORKS; from anyone else X-Forwarded-* are dropped (ops/forwarded.py).
-    app.wsgi_app = TrustedProxies(app.wsgi_app, settings.trusted_proxies, settings.trusted_proxy_networks)
     parts = services.build(settings)
     app.extensions[services.EXTENSION] = parts
+    app.extensions[REFUSALS] = refused = refusals.RefusalLog(log.warning)
+    # The client address and scheme as the last TRUSTED_PROXIES proxies report them, and only when the
+    # connection comes from TRUSTED_PROXY_NETWORKS; from anyone else X-Forwarded-* are dropped (ops/forwarded.py).
+    # Inside that, WeCom's POSTed events are answered before Flask (EventEndpoint); the rest goes on to Flask.
+    app.wsgi_app = TrustedProxies(EventEndpoint(app.wsgi_app, parts, refused),
+                                  settings.trusted_proxies, settings.trusted_proxy_networks)
     try:
         with_retries(lambda: ensure_schema(parts.engine))
         server.verify(parts.engine)
@@ -55,8 +61,7 @@ def create_app(env: Mapping[str, str] | None = None) -> Flask:
         # Start anyway: /readyz says 503 and callbacks answer 503 until the database is back.
         reason = exc.orig.__class__.__name__ if isinstance(exc, DBAPIError) else str(exc)
         log.error("state database unavailable at start-up (%s); tables not checked", reason)
-    app.extensions[REFUSALS] = refusals.RefusalLog(log.warning)
-    app.add_url_rule(settings.callback_path, "callback", callback, methods=["GET", "POST"])
+    app.add_url_rule(settings.callback_path, "callback", callback, methods=["GET"])
     app.add_url_rule("/healthz", "healthz", lambda: _plain("ok\n"))
     app.add_url_rule("/readyz", "readyz", readyz)
     app.add_url_rule("/metrics", "metrics", metrics_view)
@@ -70,43 +75,18 @@ def _plain(text: str, status: int = 200) -> Response:
 
 
 def callback():
-    """WeCom's URL check (GET) and contact events (POST): verify, decrypt, record, answer at once."""
+    """WeCom's URL check (GET): verify and decrypt `echostr`. The POSTed events never reach Flask (receive)."""
     started = time.perf_counter()
-    response, outcome, reason = _callback()
-    metrics.callback(outcome, reason, time.perf_counter() - started)
-    return response
-
-
-def _callback() -> tuple[Response, str, str]:
     parts = services.of(current_app)
-    args = request.args
     try:
-        if request.method == "GET":
-            params = _require(args, "msg_signature", "timestamp", "nonce", "echostr")
-            parts.crypto.precheck(params[0], params[1])
-            return _plain(parts.crypto.verify_url(*params)), "verified", ""
-        msg_signature, timestamp, nonce = _require(args, "msg_signature", "timestamp", "nonce")
-        parts.crypto.precheck(msg_signature, timestamp)  # a stale or misshapen query: the body stays unread
-        body = _read_body(parts.settings.callback_max_body)
-        xml, change = parts.crypto.open_event(body, msg_signature, timestamp, nonce)
+        params = _require(request.args, "msg_signature", "timestamp", "nonce", "echostr")
+        parts.crypto.precheck(params[0], params[1])
+        response, outcome, reason = _plain(parts.crypto.verify_url(*params)), "verified", ""
     except wecom.CallbackRejected as exc:
         current_app.extensions[REFUSALS].refused(exc.status, exc.reason, request.remote_addr)
-        return _plain(exc.public + "\n", exc.status), "rejected", exc.public
-    status, reason = ("pending", None) if change.is_member_change else (
-        "ignored", f"not a member change ({change.msg_type}/{change.event}/{change.change_type})")
-    try:
-        event_id, created = parts.recorder.record(recording.event_row(xml, change, status, reason, time.time()))
-    except StateUnavailable as exc:
-        log.error("state database unavailable, answered 503 so WeCom retries: %s", exc)
-        return _plain("state database unavailable\n", 503), "unavailable", "state database"
-    outcome = ("recorded" if status == "pending" else "ignored") if created else "duplicate"
-    logs.event_line(log, event_id, change.change_type or change.event, change.user_id, outcome)
-    response = Response(b"success", mimetype="text/plain")
-    if created and status == "pending":
-        # Once the answer is out: woken earlier, the delivery thread's first burst holds the GIL
-        # while this thread still has the answer to write (measured: +25-40 ms for 100+ members).
-        response.call_on_close(parts.wake_worker)
-    return response, outcome, ""
+        response, outcome, reason = _plain(exc.public + "\n", exc.status), "rejected", exc.public
+    metrics.callback(outcome, reason, time.perf_counter() - started)
+    return response
 
 
 def _require(args, *names: str) -> list[str]:
@@ -116,7 +96,63 @@ def _require(args, *names: str) -> list[str]:
     return [args[n] for n in names]
 
 
-def _read_body(limit: int) -> bytes:
+# Set in a callback's WSGI environ once its event line is written: gunicorn's access line for it is left
+# out (gunicorn.conf.py), so that an event answered costs one line, not two.
+EVENT_LOGGED = "wecom_mailer.event_logged"
+
+
+class EventEndpoint:
+    """WSGI, in front of Flask: a POST to CALLBACK_PATH (a WeCom event) is verified, decrypted, recorded and
+    answered here, with werkzeug's Request and a plain WSGI answer; every other request goes on to Flask.
+
+    Why: Flask's request context, routing and Response cost more CPU per callback than the werkzeug Request
+    the route needs (~60 against ~24 µs, measured; BENCHMARKS.md, issue 25), and the route uses nothing else
+    of Flask's: no hook, session, template or error page."""
+
+    def __init__(self, flask_wsgi, parts: services.Services, refused: refusals.RefusalLog):
+        self.flask_wsgi, self.parts, self.refused = flask_wsgi, parts, refused
+        self.path = parts.settings.callback_path
+
+    def __call__(self, environ, start_response):
+        if environ.get("REQUEST_METHOD") != "POST" or environ.get("PATH_INFO") != self.path:
+            return self.flask_wsgi(environ, start_response)
+        started = time.perf_counter()
+        try:
+            status, text, outcome, reason, wake = self.receive(Request(environ))
+        except Exception:  # noqa: BLE001 - a bug: logged (masked) and answered 500, so WeCom retries
+            log.exception("callback failed; answered 500 so WeCom retries")
+            return _answer(start_response, 500, b"internal error\n")
+        metrics.callback(outcome, reason, time.perf_counter() - started)
+        if outcome in logs.EVENT_OUTCOMES:
+            environ[EVENT_LOGGED] = True
+        return _answer(start_response, status, text, self.parts.wake_worker if wake else None)
+
+    def receive(self, request: Request) -> tuple[int, bytes, str, str, bool]:
+        """(status, body, outcome, reason, whether to wake the delivery thread once answered)."""
+        parts = self.parts
+        try:
+            msg_signature, timestamp, nonce = _require(request.args, "msg_signature", "timestamp", "nonce")
+            parts.crypto.precheck(msg_signature, timestamp)  # a stale or misshapen query: the body stays unread
+            body = _read_body(request, parts.settings.callback_max_body)
+            xml, change = parts.crypto.open_event(body, msg_signature, timestamp, nonce)
+        except wecom.CallbackRejected as exc:
+            self.refused.refused(exc.status, exc.reason, request.remote_addr)
+            return exc.status, (exc.public + "\n").encode(), "rejected", exc.public, False
+        status, reason = ("pending", None) if change.is_member_change else (
+            "ignored", f"not a member change ({change.msg_type}/{change.event}/{change.change_type})")
+        try:
+            event_id, created = parts.recorder.record(recording.event_row(xml, change, status, reason, time.time()))
+        except StateUnavailable as exc:
+            log.error("state database unavailable, answered 503 so WeCom retries: %s", exc)
+            return 503, b"state database unavailable\n", "unavailable", "state database", False
+        outcome = ("recorded" if status == "pending" else "ignored") if created else "duplicate"
+        logs.event_line(log, event_id, change.change_type or change.event, change.user_id, outcome)
+        # Woken once the answer is out (_answer): woken earlier, the delivery thread's first burst holds the
+        # GIL while this thread still has the answer to write (measured: +25-40 ms for 100+ members).
+        return 200, b"success", outcome, "", created and status == "pending"
+
+
+def _read_body(request: Request, limit: int) -> bytes:
     """The request body, refusing more than `limit` bytes whether or not Content-Length says so."""
     if request.content_length is not None and request.content_length > limit:
         raise wecom.CallbackRejected("body too large", 413)
@@ -124,6 +160,26 @@ def _read_body(limit: int) -> bytes:
     if len(data) > limit:
         raise wecom.CallbackRejected("body too large", 413)
     return data
+
+
+def _answer(start_response, status: int, body: bytes, then=None):
+    """A plain-text WSGI answer; `then()` runs once the server has sent it (and closes the body)."""
+    start_response(f"{status} {HTTPStatus(status).phrase}",
+                   [("Content-Type", "text/plain; charset=utf-8"), ("Content-Length", str(len(body)))])
+    return [body] if then is None else _ThenClose(body, then)
+
+
+class _ThenClose:
+    """A WSGI body of one chunk whose close(), which the server calls after sending it, runs `then`."""
+
+    def __init__(self, body: bytes, then):
+        self.body, self.then = body, then
+
+    def __iter__(self):
+        yield self.body
+
+    def close(self) -> None:
+        self.then()
 
 
 def metrics_view():

@@ -89,6 +89,41 @@ def test_unreachable_state_database_answers_503_so_wecom_retries(make_app, crypt
     assert client.get("/healthz").status_code == 200
 
 
+def test_an_unexpected_fault_answers_500_so_wecom_retries_and_records_nothing(app, client, crypto, caplog,
+                                                                             monkeypatch):
+    def broken(row):
+        raise RuntimeError("a bug in recording")
+
+    monkeypatch.setattr(services.of(app).recorder, "record", broken)
+    answer = signed_post(client, crypto, CREATE)
+    assert (answer.status_code, answer.data) == (500, b"internal error\n")
+    assert answer.content_type == "text/plain; charset=utf-8"
+    assert event_rows(services.of(app).engine) == []
+    [failure] = [r for r in caplog.records if r.getMessage().startswith("callback failed")]
+    assert failure.exc_info and "a bug in recording" in str(failure.exc_info[1])
+
+
+def test_a_new_event_wakes_the_delivery_thread_once_answered_and_a_resend_does_not(app, client, crypto,
+                                                                                  monkeypatch):
+    woken = []
+    monkeypatch.setattr(services.of(app), "wake_worker", lambda: woken.append(len(event_rows(services.of(app).engine))))
+    answer = signed_post(client, crypto, CREATE)
+    assert woken == []  # not before the answer is out: the server closes it once sent
+    answer.close()
+    assert woken == [1]  # and the row was committed by then
+    signed_post(client, crypto, CREATE).close()  # WeCom's resend: nothing new to deliver
+    signed_post(client, crypto, CREATE.replace("create_user", "create_party")).close()  # recorded as ignored
+    assert woken == [1]
+
+
+def test_other_methods_on_the_callback_path_get_405_and_record_nothing(app, client):
+    for method in ("PUT", "DELETE", "PATCH"):
+        answer = client.open("/wecom/callback", method=method, data=b"<xml/>")
+        assert answer.status_code == 405, method
+        assert "GET" in answer.headers["Allow"]
+    assert event_rows(services.of(app).engine) == []
+
+
 def test_readyz_answers_when_the_database_does(client):
     assert client.get("/readyz").status_code == 200
 
