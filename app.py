@@ -75,7 +75,7 @@ def _plain(text: str, status: int = 200) -> Response:
 
 
 def callback():
-    """WeCom's URL check (GET): verify and decrypt `echostr`. The POSTed events never reach Flask (receive)."""
+    """WeCom's URL check (GET): verify and decrypt `echostr`. The POSTed events never reach Flask (EventEndpoint)."""
     started = time.perf_counter()
     parts = services.of(current_app)
     try:
