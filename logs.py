@@ -114,13 +114,16 @@ class JsonFormatter(_Rendering):
         return _JSON_UNESCAPED.sub(lambda m: f"\\u{ord(m.group(0)):04x}", json.dumps(entry, ensure_ascii=False))
 
 
-EVENT_OUTCOMES = {"recorded": "recorded", "ignored": "ignored", "duplicate": "duplicate, already recorded"}
+_OUTCOMES = {"recorded": "recorded", "ignored": "ignored", "duplicate": "duplicate, already recorded"}
 
 
-def event_line(logger: logging.Logger, event_id: int, kind: str, user_id: str, outcome: str) -> None:
-    """The one line per callback (the promise: one line per event): `event N kind userid=U: outcome`."""
-    if logger.isEnabledFor(logging.INFO):
-        logger.info("event %s %s userid=%s: %s", event_id, kind, user_id, EVENT_OUTCOMES[outcome])
+def event_line(logger: logging.Logger, event_id: int, kind: str, user_id: str, outcome: str) -> bool:
+    """The one line per callback (the promise: one line per event): `event N kind userid=U: outcome`.
+    Whether it was written (not below LOG_LEVEL=INFO)."""
+    if not logger.isEnabledFor(logging.INFO):
+        return False
+    logger.info("event %s %s userid=%s: %s", event_id, kind, user_id, _OUTCOMES[outcome])
+    return True
 
 
 def setup(settings) -> None:

@@ -9,7 +9,9 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 import pytest
+from werkzeug.test import EnvironBuilder
 
+import app as app_module
 import services
 import wecom
 from support import TEST_AES_KEY, TEST_CORP_ID, TEST_TOKEN, event_rows, signed_post
@@ -114,6 +116,23 @@ def test_a_new_event_wakes_the_delivery_thread_once_answered_and_a_resend_does_n
     signed_post(client, crypto, CREATE).close()  # WeCom's resend: nothing new to deliver
     signed_post(client, crypto, CREATE.replace("create_user", "create_party")).close()  # recorded as ignored
     assert woken == [1]
+
+
+def test_an_event_is_marked_logged_only_when_its_line_was_written(make_app, crypto):
+    # The mark tells gunicorn.conf.py to leave out the access line: below INFO the event line is not written,
+    # so the access line must stay, or an answered event would leave no line at all.
+    def environ_after_post(app, xml):  # the server's own environ (the test client answers from a copy)
+        packet = crypto.encrypt(xml)
+        environ = EnvironBuilder(path="/wecom/callback", method="POST", query_string=packet["query"],
+                                 data=packet["body"], content_type="text/xml").get_environ()
+        answer = app.wsgi_app(environ, lambda status, headers: None)
+        assert b"".join(answer) == b"success"
+        answer.close()
+        return environ
+
+    assert environ_after_post(make_app(LOG_LEVEL="INFO"), CREATE).get(app_module.EVENT_LOGGED) is True
+    assert app_module.EVENT_LOGGED not in environ_after_post(make_app(LOG_LEVEL="WARNING"),
+                                                             CREATE.replace("zhangsan", "lisi"))
 
 
 def test_other_methods_on_the_callback_path_get_405_and_record_nothing(app, client):
