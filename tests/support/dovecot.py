@@ -215,6 +215,8 @@ service stats {{
                 if not line:
                     continue
                 text = line.decode() if isinstance(line, bytes) else line[0].decode()
+                if "UID " not in text:  # Dovecot telling of another session's flag change (`* 2 FETCH (FLAGS
+                    continue            # (\\Seen))`) while we read: each answer to our UID FETCH names its UID
                 uid = int(text.split("UID ")[1].split()[0].rstrip(")"))
                 flags = tuple(sorted(f for f in text.split("FLAGS (")[1].split(")")[0].split() if f != "\\Recent"))
                 size = int(text.split("RFC822.SIZE ")[1].split()[0].rstrip(")"))
