@@ -1,7 +1,9 @@
-"""A TCP proxy on 127.0.0.1 that adds a fixed delay each way and counts round trips (tests and bench/).
+"""A TCP proxy on 127.0.0.1 that adds a fixed delay each way and counts round trips (tests and bench/), and can
+cut the link in the middle of an answer (an IMAP server dropping the connection mid-fetch).
 
 Round trips are counted as turns: each time the client sends again after the server has answered. A
 client that waits for every SMTP reply makes four turns per message; a pipelining one makes one.
+`proxy.cut_after(n)` closes the connection in flight once n more bytes came from the server.
 """
 from __future__ import annotations
 
@@ -20,10 +22,29 @@ class LatencyProxy:
         self.one_way = rtt / 2
         self.turns = 0
         self.connections = 0
+        self.cuts = 0
+        self._budget: int | None = None  # server bytes still passed before the cut; None: never cut
         self._lock = threading.Lock()
         self._closing = threading.Event()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
+
+    def cut_after(self, server_bytes: int) -> None:
+        """Cut the connection in flight after this many more bytes from the server (one cut, then normal)."""
+        with self._lock:
+            self._budget = server_bytes
+
+    def _spend(self, data: bytes) -> tuple[bytes, bool]:
+        """What of the server's `data` still goes to the client, and whether the link is cut after it."""
+        with self._lock:
+            if self._budget is None:
+                return data, False
+            if len(data) < self._budget:
+                self._budget -= len(data)
+                return data, False
+            data, self._budget = data[:self._budget], None
+            self.cuts += 1
+            return data, True
 
     def __enter__(self) -> LatencyProxy:
         threading.Thread(target=self._accept, name="latency-proxy", daemon=True).start()
@@ -72,7 +93,11 @@ class LatencyProxy:
                     heapq.heappush(due, (time.monotonic() + self.one_way, sequence, peer[sock], data))
                 while due and due[0][0] <= time.monotonic():
                     _, _, target, data = heapq.heappop(due)
+                    data, cut = self._spend(data) if target is client else (data, False)
                     try:
                         target.sendall(data)
+                        if cut:
+                            client.shutdown(socket.SHUT_RDWR)
+                            return
                     except OSError:
                         return

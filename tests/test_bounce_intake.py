@@ -14,10 +14,10 @@ import trustme
 
 import config
 from bounces import intake
+from devtools.latency_proxy import LatencyProxy
 from store import leases, mailbox
 from store.db import make_engine
 from store.migrate import ensure_schema
-from support.cutting_proxy import CuttingProxy
 from support.dovecot import PASSWORD, Dovecot, skip_without_mail_servers
 from support.env import base_env
 
@@ -177,7 +177,7 @@ def test_a_connection_dropped_mid_fetch_stops_the_poll_and_the_next_one_resumes(
         imap.append(message(n, "hard" if n % 3 == 0 else "ignored", body))
     monkeypatch.setattr(intake, "BATCH_MESSAGES", 4)
     handler = FakeHandler()
-    with CuttingProxy(("127.0.0.1", imap.port)) as proxy:
+    with LatencyProxy(("127.0.0.1", imap.port)) as proxy:
         settings = settings_for(imap, f"imap://bounces@bounce.test@127.0.0.1:{proxy.port}/INBOX")
         proxy.cut_after(400_000)  # in the second batch's bodies (each batch is ~240 KB)
         report = run(settings, engine, handler)

@@ -20,12 +20,12 @@ import app as app_module
 import services
 import templates_repo
 from bounces import handle, intake
+from devtools.latency_proxy import LatencyProxy
 from devtools.waiting import wait_until
 from devtools.wecom_standin import make_members
 from store import suppressions
 from store.schema import bounce_reports, deliveries, soft_bounces
 from support import DEPARTMENT, ROOT, TEST_CORP_ID, base_env, signed_post
-from support.cutting_proxy import CuttingProxy
 from support.dovecot import Dovecot, skip_without_mail_servers
 from support.postfix import Postfix
 from support.smtp_server import SmtpSink
@@ -194,7 +194,7 @@ def test_a_full_mailbox_bounce_survives_a_dropped_link_and_a_restart_counted_onc
     monkeypatch.setattr(intake, "BATCH_MESSAGES", 2)
     with SmtpSink() as remote, Dovecot(ca) as dovecot, \
             Postfix(dovecot, mailboxes=GOOD, relays={"qq.test": remote.port}, maximal_queue_lifetime="0") as postfix, \
-            CuttingProxy(("127.0.0.1", dovecot.port)) as proxy:
+            LatencyProxy(("127.0.0.1", dovecot.port)) as proxy:
         remote.reject("full@qq.test", "452 4.2.2 Mailbox full")
         mail = dataclasses.make_dataclass("Mail", ["dovecot", "postfix", "qq"])(dovecot, postfix, remote)
         others = [CORPUS / "ordinary.eml", CORPUS / "auto-reply-zh.eml"] * 3
