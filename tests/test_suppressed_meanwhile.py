@@ -5,17 +5,13 @@ from __future__ import annotations
 
 import time
 
+from channels import fallback
 from store import schema, suppressions
-from support import CREATED_AT, change_xml, rows, signed_post
+from support import rows
 from support.digests import T0, Clock, changes_received, mails_by_recipient
-from support.messages import received
+from support.messages import post, received
 
 VICTIM = "user0002@corp.example"
-
-
-def post(service, crypto, userid: str, n: int = 0) -> None:
-    xml = change_xml("create_user", userid, create_time=CREATED_AT + n)
-    assert signed_post(service.test_client(), crypto, xml).data == b"success"
 
 
 def suppress(service, reason: str = "5.1.1 user unknown") -> None:
@@ -25,7 +21,7 @@ def suppress(service, reason: str = "5.1.1 user unknown") -> None:
 
 
 def emails_to(service, address: str) -> list:
-    return [d for d in rows(service.engine, schema.deliveries) if d.address == address]
+    return rows(service.engine, schema.deliveries, schema.deliveries.c.address == address)
 
 
 def test_a_delivery_waiting_to_be_retried_is_skipped_and_its_member_gets_a_wecom_message(
@@ -85,7 +81,7 @@ def test_a_digest_collecting_for_an_address_suppressed_meanwhile_fails_and_its_m
 
     # Not silenced: the fallback's sweep finds those two and tells the member in WeCom, each change once (the
     # second within the WeCom channel's own digest window, which the first message opened).
-    worker.fallback_due = 0.0
+    assert fallback.sweep(worker, force=True) == 2
     for _ in range(3):
         service.drain(worker)
         clock.advance(61)

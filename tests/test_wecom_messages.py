@@ -12,14 +12,9 @@ from delivery import expand as expand_module
 from devtools.wecom_standin import make_members
 from store import schema
 from support.admin import post_login
-from support import CREATED_AT, DEPARTMENT, change_xml, rows, signed_post
+from support import DEPARTMENT, rows
 from support.digests import T0, Clock
-from support.messages import received
-
-
-def post(service, crypto, userid: str, change_type: str = "create_user", n: int = 0) -> None:
-    xml = change_xml(change_type, userid, create_time=CREATED_AT + n)
-    assert signed_post(service.test_client(), crypto, xml).data == b"success"
+from support.messages import post, received
 
 
 def by_channel(engine) -> dict[str, collections.Counter]:

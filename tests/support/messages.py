@@ -4,6 +4,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
+from support.callbacks import CREATED_AT, change_xml, signed_post
 from support.env import base_env
 
 APP_AGENT_ID = 1000002
@@ -47,3 +48,9 @@ def build_service(env: dict):
 def received(standin) -> collections.Counter:
     """userid → how many WeCom messages that member got (duplicates WeCom dropped are not counted)."""
     return collections.Counter(userid for userid, _ in standin.delivered)
+
+
+def post(service, crypto, userid: str, change_type: str = "create_user", n: int = 0) -> None:
+    """One signed callback to `service` about `userid`, its CreateTime n seconds after CREATED_AT."""
+    xml = change_xml(change_type, userid, create_time=CREATED_AT + n)
+    assert signed_post(service.test_client(), crypto, xml).data == b"success"
